@@ -1,0 +1,95 @@
+"""Byte-level blocks (Byte Latent Transformer, arXiv 2412.09871): patchers and the maps between
+the byte sequence and the patch sequence.
+
+A patcher turns byte ids into a `patch_map` (the patch id of every byte, non-decreasing from
+0). `patch_pool` gathers byte states into one vector per patch; `patch_unpool` hands each byte
+the state of the *previous* patch, so that no byte sees its own or a later patch (causality).
+Entropy patching and the local encoder/decoder with cross-attention build on these kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blocks.kinds import KindError, expect, expect_count, hidden, patch_map
+from blocks.registry import Block, param, register
+
+
+@register
+class PatchFixed(Block):
+    """Fixed-stride patching: byte i belongs to patch i // stride."""
+
+    type_name, family = "patch_fixed", "bytes"
+    inputs = ("bytes",)
+
+    @dataclass(frozen=True)
+    class Config:
+        stride: int = param(doc="bytes per patch", min=1, max=1 << 16)
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        expect_count(ins, 1)
+        expect(ins, 0, "bytes")
+        return (patch_map(),)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return (pos // self.cfg.stride).unsqueeze(0).expand(ids.shape[0], -1)
+
+
+def _bytes_and_map(ins, seq):
+    expect_count(ins, 2)
+    x = expect(ins, 0, "hidden")
+    if x.seq != seq:
+        raise KindError(f"input 1 must live on the {seq} sequence, got {x}", 0)
+    expect(ins, 1, "patch_map")
+    return x
+
+
+@register
+class PatchPool(Block):
+    """Byte states -> patch states by mean or max over each patch's bytes."""
+
+    type_name, family = "patch_pool", "bytes"
+    inputs = ("bytes_hidden", "patch_map")
+
+    @dataclass(frozen=True)
+    class Config:
+        max_patches: int = param(doc="patch slots per sequence (upper bound on patches)", min=1,
+                                 max=1 << 22)
+        reduce: str = param("mean", "how bytes are pooled", choices=("mean", "amax"))
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        x = _bytes_and_map(ins, "byte")
+        return (hidden(x.width, "patch"),)
+
+    def forward(self, x, pmap):
+        b, _, d = x.shape
+        idx = pmap.clamp(max=self.cfg.max_patches - 1).unsqueeze(-1).expand(-1, -1, d)
+        out = x.new_zeros(b, self.cfg.max_patches, d)
+        return out.scatter_reduce(1, idx, x, reduce=self.cfg.reduce, include_self=False)
+
+
+@register
+class PatchUnpool(Block):
+    """Patch states -> byte states: a byte in patch p receives patch p - 1 (zeros for p = 0)."""
+
+    type_name, family = "patch_unpool", "bytes"
+    inputs = ("patch_hidden", "patch_map")
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        x = _bytes_and_map(ins, "patch")
+        return (hidden(x.width, "byte"),)
+
+    def forward(self, x, pmap):
+        d = x.shape[-1]
+        shifted = torch.cat([x.new_zeros(x.shape[0], 1, d), x[:, :-1]], dim=1)
+        idx = pmap.clamp(max=x.shape[1] - 1).unsqueeze(-1).expand(-1, -1, d)
+        return shifted.gather(1, idx)
