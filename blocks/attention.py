@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import fill_, normal_, same_hidden
-from blocks.kinds import KindError
+from blocks.kinds import KindError, hidden
 from blocks.registry import Block, param, register
 
 
@@ -38,6 +38,7 @@ class Attention(Block):
     """Multi-head causal self-attention (MHA; GQA/MQA when kv_heads < heads)."""
 
     type_name, family = "attention", "attention"
+    example = ({"heads": 4, "kv_heads": 2, "rope": True}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:

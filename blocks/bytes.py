@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blocks.kinds import KindError, expect, expect_count, hidden, patch_map
+from blocks.kinds import KindError, byte_ids, expect, expect_count, hidden, patch_map
 from blocks.registry import Block, param, register
 
 
@@ -21,6 +21,7 @@ class PatchFixed(Block):
     """Fixed-stride patching: byte i belongs to patch i // stride."""
 
     type_name, family = "patch_fixed", "bytes"
+    example = ({"stride": 3}, [byte_ids()])  # for the registry's smoke test
     inputs = ("bytes",)
 
     @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class PatchPool(Block):
     """Byte states -> patch states by mean or max over each patch's bytes."""
 
     type_name, family = "patch_pool", "bytes"
+    example = ({"max_patches": 3}, [hidden(16, "byte"), patch_map()])  # for the registry's smoke test
     inputs = ("bytes_hidden", "patch_map")
 
     @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class PatchUnpool(Block):
     """Patch states -> byte states: a byte in patch p receives patch p - 1 (zeros for p = 0)."""
 
     type_name, family = "patch_unpool", "bytes"
+    example = ({}, [hidden(16, "patch"), patch_map()])  # for the registry's smoke test
     inputs = ("patch_hidden", "patch_map")
 
     @dataclass(frozen=True)

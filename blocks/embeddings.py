@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import normal_
-from blocks.kinds import KindError, expect_count, hidden
+from blocks.kinds import KindError, expect_count, hidden, tokens
 from blocks.registry import Block, param, register
 
 MAX_VOCAB = 1 << 24
@@ -27,6 +27,7 @@ class Embedding(Block):
     """A learned table of `vocab` rows of width `dim`, looked up by id."""
 
     type_name, family = "embedding", "embeddings"
+    example = ({"vocab": 50, "dim": 16}, [tokens(50)])  # for the registry's smoke test
     inputs = ("ids",)
 
     @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class PositionEmbedding(Block):
     """Learned absolute positions (GPT-2's wpe): position t -> row t, broadcast over the batch."""
 
     type_name, family = "position_embedding", "embeddings"
+    example = ({"max_seq": 8, "dim": 16}, [tokens(50)])  # for the registry's smoke test
     inputs = ("ids",)
 
     @dataclass(frozen=True)

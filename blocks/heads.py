@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import fill_, normal_
-from blocks.kinds import LOSS, KindError, expect, expect_count, logits
+from blocks.kinds import LOSS, KindError, expect, expect_count, hidden, logits, tokens
 from blocks.registry import Block, param, register
 
 
@@ -17,6 +17,7 @@ class LMHead(Block):
     """hidden -> logits over `vocab`; with `tie`, reuses that embedding's table as its weight."""
 
     type_name, family = "lm_head", "heads"
+    example = ({"vocab": 50}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:
@@ -59,6 +60,7 @@ class CrossEntropy(Block):
     """Mean next-token cross-entropy in fp32; targets equal to `ignore_index` are skipped."""
 
     type_name, family = "cross_entropy", "heads"
+    example = ({}, [logits(50), tokens(50)])  # for the registry's smoke test
     inputs = ("logits", "targets")
 
     @dataclass(frozen=True)

@@ -22,6 +22,7 @@ class HCExpand(Block):
     """hidden -> n identical streams."""
 
     type_name, family = "hc_expand", "hyper"
+    example = ({"n": 3}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:
@@ -42,6 +43,7 @@ class HCCollapse(Block):
     """n streams -> their sum (a final scale-invariant norm removes the factor n)."""
 
     type_name, family = "hc_collapse", "hyper"
+    example = ({}, [streams(3, 16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:
@@ -62,6 +64,7 @@ class HCRead(Block):
     """Width connection: the sublayer input is a learned mix of the streams (A_m)."""
 
     type_name, family = "hc_read", "hyper"
+    example = ({}, [streams(3, 16)])  # for the registry's smoke test
     inputs = ("streams",)
 
     @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class HCWrite(Block):
     """Depth and width connection: H'_j = beta_j * y + sum_i A_r[i, j] * H_i."""
 
     type_name, family = "hc_write", "hyper"
+    example = ({}, [streams(3, 16), hidden(16)])  # for the registry's smoke test
     inputs = ("streams", "y")
 
     @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import fill_, normal_, same_hidden
+from blocks.kinds import hidden
 from blocks.registry import Block, param, register
 
 ACTIVATIONS = {
@@ -24,6 +25,7 @@ class MLP(Block):
     """proj(act(fc(x))): width d -> hidden -> d."""
 
     type_name, family = "mlp", "mlp"
+    example = ({"hidden": 32}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:
@@ -59,6 +61,7 @@ class SwiGLU(Block):
     """proj(silu(gate(x)) * up(x)); gate and up are one fused projection `fc` = [gate; up]."""
 
     type_name, family = "swiglu", "mlp"
+    example = ({"hidden": 32}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import fill_, same_hidden
+from blocks.kinds import hidden
 from blocks.registry import Block, param, register
 
 
@@ -16,6 +17,7 @@ class LayerNorm(Block):
     """Layer normalisation over the last dimension, with learned gain and optional bias."""
 
     type_name, family = "layernorm", "norms"
+    example = ({}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:
@@ -45,6 +47,7 @@ class RMSNorm(Block):
     """x / rms(x) * gain; the normalisation runs in fp32 and is cast back, as in HF Llama."""
 
     type_name, family = "rmsnorm", "norms"
+    example = ({}, [hidden(16)])  # for the registry's smoke test
 
     @dataclass(frozen=True)
     class Config:

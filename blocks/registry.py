@@ -85,6 +85,7 @@ class Block(nn.Module):
     inputs: ClassVar[tuple[str, ...]] = ("x",)
     outputs: ClassVar[tuple[str, ...]] = ("out",)
     has_after_step: ClassVar[bool] = False
+    example: ClassVar[tuple[dict, list[Kind]]]   # (params, input kinds) for the smoke test
 
     def __init__(self, cfg, ins: list[Kind], ctx: Context):
         super().__init__()

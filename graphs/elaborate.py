@@ -8,6 +8,7 @@ wiring is reported at its line before anything is built.
 from __future__ import annotations
 
 import hashlib
+import keyword
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,8 @@ class _Elaborator:
 
     # ----- names and order
     def _check_id(self, nid, path):
+        if keyword.iskeyword(nid):
+            raise self.loc.error(f"'{nid}' is a Python keyword; choose another node id", path)
         if nid in BUILTINS or nid in ("stream", "layer"):
             raise self.loc.error(f"'{nid}' is a reserved name; choose another node id", path)
         if nid in _CLASH or nid.startswith("_"):
@@ -209,7 +212,9 @@ class _Elaborator:
         for nid, spec in nodes.items():
             path = base + (nid,)
             names = self._refs_of(spec, path)
+            local = []  # what a body node can also read, for did-you-mean hints
             if "repeat" in spec:
+                local = list(spec["body"]) + ["stream"]
                 if body:
                     raise self.loc.error("repeat groups cannot be nested", path + ("repeat",))
                 for bid, bspec in spec["body"].items():
@@ -225,7 +230,7 @@ class _Elaborator:
                 if name in nodes:
                     dep.add(name)
                 elif name not in known:
-                    hint = did_you_mean(name, list(nodes) + sorted(known))
+                    hint = did_you_mean(name, local + list(nodes) + sorted(known))
                     raise self.loc.error(f"unknown node '{name}'{hint}", p)
             deps[nid] = dep
         order, done = [], set()
@@ -342,10 +347,10 @@ class _Elaborator:
                         k = evaluate(at, dict(self.vars, layer=i))
                     except ExprError as e:
                         raise self.loc.error(f"in layer expression {at!r}: {e}", p)
-                    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i:
+                    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= i:
                         raise self.loc.error(f"'{name}@{at}' is layer {k!r} in layer {i}; only "
-                                             f"earlier layers (0..{i - 1}) can be read", p)
-                    return Ref(name, port, k)
+                                             f"this and earlier layers (0..{i}) can be read", p)
+                    return Ref(name, port, k) if k < i else Ref(name, port)
                 return Ref(name, port)
 
             steps = []
