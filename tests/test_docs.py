@@ -78,3 +78,13 @@ def test_hyper_sketch_with_one_stream_equals_pre_norm():
     assert not unexpected and not missing
     x = torch.randint(0, 50257, (2, 64))
     torch.testing.assert_close(hc(x)[0], pre(x)[0])
+
+
+def test_diagram_folds_each_repeat_group_once_with_its_count():
+    from graphs.diagram import to_dot
+    plan = elaborate(graphs.load(graphs.__path__[0] + "/gpt2.yaml").resolve())
+    dot = to_dot(plan, highlight={"attn"})
+    assert 'label="h: repeat x12"' in dot
+    assert dot.count("\\nattention") == 1          # the body is drawn once, not 12 times
+    assert '"h/attn"' in dot and 'fillcolor' in dot
+    assert '"tok" -> "x" [label="hidden d=768"]' in dot
