@@ -7,6 +7,7 @@ and bounds (`param(...)`); the JSON Schema, the docs and the smoke tests are der
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +51,11 @@ def _base_type(tp) -> tuple[type, bool]:
 
 
 def config_fields(config_cls) -> list[FieldInfo]:
+    return list(_config_fields(config_cls))
+
+
+@functools.cache  # get_type_hints is slow, and elaboration asks once per node per layer
+def _config_fields(config_cls) -> tuple[FieldInfo, ...]:
     hints = typing.get_type_hints(config_cls)
     out = []
     for f in dataclasses.fields(config_cls):
@@ -58,7 +64,7 @@ def config_fields(config_cls) -> list[FieldInfo]:
         out.append(FieldInfo(f.name, tp, f.default, m.get("doc", ""), m.get("min"), m.get("max"),
                              tuple(m["choices"]) if m.get("choices") else None, m.get("ref", False),
                              optional))
-    return out
+    return tuple(out)
 
 
 @dataclass(frozen=True)

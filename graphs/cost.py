@@ -141,14 +141,36 @@ def _named_steps(plan: Plan):
         yield (s.id if g is None else f"{g}.{i}.{s.id}"), s
 
 
-def analyse(plan: Plan) -> Cost:
-    """Parameters, FLOPs per token, activation memory; raises GraphError on absurd sizes."""
-    model = build(plan, device="meta", seed=None)
-    params = model.num_params()
+def rough_params(plan: Plan) -> int:
+    """Parameters summed block by block, each distinct (type, config, input kinds) built once on
+    the meta device: the layers of a repeat group are usually alike, so this costs a few builds
+    where the model costs thousands. It assumes, as every block does, that parameter shapes
+    follow from config and input kinds (not from the layer index); it is only the early guard,
+    the built model's exact count is checked again."""
+    sizes: dict = {}
+    total = 0
+    for _, _, s in plan.steps():
+        key = (s.block, s.cfg, tuple(s.in_kinds), s.ctx.seq_len)
+        if key not in sizes:
+            with torch.device("meta"):
+                sizes[key] = sum(p.numel() for p in s.block(s.cfg, s.in_kinds, s.ctx).parameters())
+        total += sizes[key]
+    return total
+
+
+def _check_params(plan: Plan, params: int) -> None:
     if params > MAX_PARAMS:
         raise plan.loc.error(f"{params:.3g} parameters need about {params * BYTES_PER_PARAM / 1e12:.3g} "
                              f"TB of training state ({BYTES_PER_PARAM} bytes each); no machine fits this",
                              ("vars",))
+
+
+def analyse(plan: Plan) -> Cost:
+    """Parameters, FLOPs per token, activation memory; raises GraphError on absurd sizes."""
+    _check_params(plan, rough_params(plan))  # absurd sizes are refused before the full build
+    model = build(plan, device="meta", seed=None)
+    params = model.num_params()
+    _check_params(plan, params)
     counter, flops = _Bytes(), FlopCounterMode(display=False)
     _run(plan, model, counter, flops)
     act = sum(counter.by_node.values())

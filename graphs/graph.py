@@ -85,7 +85,7 @@ def apply_sets(data: dict, sets, loc: Locator) -> dict:
         elif len(path) == 1:
             raise loc.error(f"--set {item}: '{path[0]}' is not a variable"
                             f"{did_you_mean(path[0], out.get('vars', {}))}; use a dotted path "
-                            "such as training.lr or nodes.head.bias")
+                            "such as training.lr or nodes.head.bias", ("vars",))
         node = out
         for i, p in enumerate(path[:-1]):
             ok = isinstance(node, dict) and p in node or isinstance(node, list) and \

@@ -151,10 +151,26 @@ def _validator():
     return jsonschema.Draft202012Validator(schema())
 
 
+def _fits(err) -> bool:
+    """Whether the value has the type that the failing (sub)schema asks for."""
+    want = err.schema.get("type") if isinstance(err.schema, dict) else None
+    if want is None:
+        return True
+    return any(_validator().is_type(err.instance, t) for t in ([want] if isinstance(want, str) else want))
+
+
 def _leaf(err):
-    """Descend anyOf/oneOf contexts to the most specific error."""
+    """Descend anyOf/oneOf contexts to the most specific error: from a branch whose type the value
+    has (so `lr: 50` reports the bound, not 'expected string' from the expression branch), then
+    the deepest, then not a bare anyOf/oneOf; ties go to the first branch.
+
+    (`best_match` picks the *least* fitting branch here: on a list of siblings it maximises its
+    relevance key, whose last term favours errors that do not match the value's type.)"""
+    def rank(e):
+        return (not _fits(e), -len(e.path), e.validator in ("anyOf", "oneOf"))
+
     while err.context:
-        err = jsonschema.exceptions.best_match(err.context)
+        err = min(err.context, key=rank)
     return err
 
 
