@@ -1,0 +1,134 @@
+"""Checkpoints that are never half-written and load nothing but tensors.
+
+A checkpoint is a folder `step_000123/` holding `model.safetensors` (tied weights stored once),
+`optimizer.safetensors` + `optimizer.json` (the AdamW state, flattened), `rng.safetensors` and
+`state.json` (step, tokens, elapsed times, the data loader's position). It is written into a
+temporary folder, fsynced, renamed into place, and only then does the small `latest` file
+(replaced atomically) point at it; a crash at any moment leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+KEEP = 2
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, truncated or does not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and plain JSON."""
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(pid)][k] = {"tensor": f"{pid}.{k}"}
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                           for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> Path:
+    """Write checkpoint `step_<state['step']>` atomically and point `latest` at it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state['step']:09d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, meta = _optimizer_tensors(opt)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", meta)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        _write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = run_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = run_dir / ".latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, run_dir / "latest")
+    _fsync_dir(run_dir)
+    _prune(run_dir, keep={name})
+    return final
+
+
+def _prune(run_dir: Path, keep: set) -> None:
+    ckpts = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+    for p in ckpts[:-KEEP]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(".step_*"):  # temporary folders of a crashed write
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+    """Restore weights (and optimizer and RNG) in place; returns state.json. Tensors only."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+        if opt is not None:
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            meta = json.loads((path / "optimizer.json").read_text())
+            opt.load_state_dict(_optimizer_state(tensors, meta))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

@@ -1,0 +1,224 @@
+"""One training run of one concrete graph: the loop, its budget, evaluation and checkpoints.
+
+The budget is device time spent in training steps. The first step (which compiles) and the
+evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count. The
+schedule's horizon follows the budget, so a time-budgeted run still warms up and anneals.
+Losses stay on the device between log points: no host-device synchronisation in the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graphs.compile import compile_model
+from search import checkpoint
+from search.dist import Dist, barrier, broadcast_flag
+from search.evaluate import evaluate
+from search.perf import mfu
+from search.schedule import lr_at
+from search.setup import Setup
+
+
+@dataclass
+class RunResult:
+    status: str                    # completed | diverged | interrupted | pruned | failed
+    step: int = 0
+    tokens: int = 0
+    train_s: float = 0.0
+    compile_s: float = 0.0
+    eval_s: float = 0.0
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    tok_s: float | None = None
+    mfu: float | None = None
+    run_id: str | None = None
+    run_dir: str | None = None
+    message: str = ""
+    history: list = field(default_factory=list)
+
+
+def _fault() -> tuple[str, int] | None:
+    """Fault injection for tests of containment: PLAYGROUND_FAULT=nan@STEP or raise@STEP."""
+    spec = os.environ.get("PLAYGROUND_FAULT", "")
+    if not spec:
+        return None
+    kind, _, step = spec.partition("@")
+    if kind not in ("nan", "raise") or not step.isdigit():
+        raise ValueError(f"PLAYGROUND_FAULT={spec!r}: expected nan@STEP or raise@STEP")
+    return kind, int(step)
+
+
+class Trainer:
+    """Runs `setup` (model, data, optimiser, tracker) until its budget is spent."""
+
+    def __init__(self, s: Setup, on_eval=None):
+        self.s = s
+        self.cfg = s.cfg
+        self.on_eval = on_eval          # callback(tokens, metrics) -> True to stop (prune)
+        self.model = s.model
+        self.step_fn = compile_model(s.model, s.compile_mode) if s.compile_mode != "none" else s.model
+        self.ddp = s.wrap(self.step_fn)
+        self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
+        self.loss_acc = None
+        self.bad_step = None
+        self.fault = _fault()
+
+    # ----- budget and schedule
+    def progress(self) -> float:
+        c = self.cfg
+        p = 0.0
+        if c.budget_s:
+            p = max(p, self.r.train_s / c.budget_s)
+        if c.max_tokens:
+            p = max(p, self.r.tokens / c.max_tokens)
+        return p
+
+    def _sync(self):
+        if self.s.device.type == "cuda":
+            torch.cuda.synchronize(self.s.device)
+
+    # ----- one optimizer step (accumulating micro-batches)
+    def train_step(self) -> None:
+        s, recipe = self.s, self.s.recipe
+        lr = lr_at(recipe, self.progress())
+        for g in s.opt.param_groups:
+            g["lr"] = lr
+        for micro in range(s.accum):
+            x, y = s.loader.next()
+            sync = contextlib.nullcontext() if micro == s.accum - 1 or not s.dist.enabled \
+                else self.ddp.no_sync()
+            with sync, s.autocast():
+                _, loss = self.ddp(x, y)
+                if self.fault and self.r.step >= self.fault[1]:
+                    if self.fault[0] == "raise":
+                        raise RuntimeError(f"injected failure at step {self.r.step} (PLAYGROUND_FAULT)")
+                    loss = loss * float("nan")
+                (loss / s.accum).backward()
+            detached = loss.detach().float()
+            self.loss_acc = detached if self.loss_acc is None else self.loss_acc + detached
+            if self.bad_step is None:
+                self.bad_step = torch.full((), -1, device=s.device, dtype=torch.long)
+            bad = ~torch.isfinite(detached) & (self.bad_step < 0)
+            self.bad_step = torch.where(bad, torch.full_like(self.bad_step, self.r.step), self.bad_step)
+        if recipe.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), recipe.grad_clip)
+        s.opt.step()
+        s.opt.zero_grad(set_to_none=True)
+        s.model.after_step()
+        self.lr = lr
+        self.r.step += 1
+        self.r.tokens += s.tokens_per_step
+
+    # ----- the loop
+    def run(self) -> RunResult:
+        s = self.s
+        state = s.resume_state
+        if state:
+            self._restore(state)
+        last_log_t, last_log_tokens, n_since_log = None, self.r.tokens, 0
+        next_eval = self._next_eval()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                self.train_step()
+                n_since_log += 1
+                if self.r.step == (state or {}).get("step", 0) + 1:  # the compiling step
+                    self._sync()
+                    self.r.compile_s += time.perf_counter() - t0
+                    s.track_metrics({"time/compile_s": self.r.compile_s}, self.r.tokens)
+                    last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
+                    self.loss_acc = None
+                    continue
+                self.r.train_s += time.perf_counter() - t0
+                done = self.progress() >= 1.0
+                if n_since_log >= self.cfg.log_every or done:
+                    self._sync()
+                    now = time.perf_counter()
+                    if self._log(now - last_log_t, self.r.tokens - last_log_tokens, n_since_log):
+                        return self._finish("diverged")
+                    last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
+                if done or self.progress() >= next_eval:
+                    stop = self._evaluate()
+                    self._checkpoint()
+                    next_eval = self._next_eval()
+                    last_log_t = time.perf_counter()
+                    if stop:
+                        return self._finish("pruned")
+                if done:
+                    return self._finish("completed")
+        except KeyboardInterrupt:
+            self._checkpoint()
+            return self._finish("interrupted", "stopped by Ctrl-C; a final checkpoint was written")
+
+    def _next_eval(self) -> float:
+        n = max(1, self.cfg.evals)
+        return (math.floor(self.progress() * n + 1e-9) + 1) / n
+
+    def _log(self, dt: float, dtokens: int, n_steps: int) -> bool:
+        """Log train metrics since the last log; True when the loss went non-finite."""
+        s = self.s
+        bad = int(self.bad_step.item()) if self.bad_step is not None else -1
+        if bad >= 0:
+            self.r.message = f"loss became non-finite at step {bad}"
+            return True
+        loss = (self.loss_acc / (n_steps * s.accum)).item() if self.loss_acc is not None else float("nan")
+        self.loss_acc = None
+        tok_s = dtokens / dt if dt > 0 else 0.0
+        self.r.tok_s, self.r.mfu = tok_s, mfu(s.flops_per_token, tok_s, s.peak)
+        m = {"train/loss": loss, "train/lr": self.lr, "perf/tok_s": tok_s,
+             "budget/gpu_s": self.r.train_s, "time/train_s": self.r.train_s}
+        if getattr(self, "grad_norm", None) is not None:
+            m["train/grad_norm"] = float(self.grad_norm)
+        if self.r.mfu is not None:
+            m["perf/mfu"] = self.r.mfu
+        if s.device.type == "cuda":
+            m["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(s.device) / 1e9
+        s.track_metrics(m, self.r.tokens)
+        s.progress_bar(self.progress(), loss, tok_s, self.r.mfu, self.r.train_s)
+        return False
+
+    def _evaluate(self) -> bool:
+        s = self.s
+        t0 = time.perf_counter()
+        stop = False
+        if s.dist.main:
+            metrics = evaluate(s.model, s.val, s.autocast)
+            self.r.val_loss, self.r.val_bpb = metrics["val/loss"], metrics["val/bpb"]
+            self.r.eval_s += time.perf_counter() - t0
+            metrics["time/eval_s"] = self.r.eval_s
+            self.r.history.append({"tokens": self.r.tokens, "train_s": self.r.train_s, **metrics})
+            s.track_metrics(metrics, self.r.tokens)
+            if self.on_eval is not None:
+                stop = bool(self.on_eval(self.r.tokens, metrics))
+        stop = broadcast_flag(s.dist, stop, s.device)
+        barrier(s.dist)
+        return stop
+
+    def _checkpoint(self) -> None:
+        if self.s.dist.main and self.cfg.checkpoint:
+            checkpoint.save(self.s.run_dir, self.s.model, self.s.opt, self._state())
+        barrier(self.s.dist)
+
+    def _state(self) -> dict:
+        r = self.r
+        return {"step": r.step, "tokens": r.tokens, "train_s": r.train_s, "compile_s": r.compile_s,
+                "eval_s": r.eval_s, "loader": self.s.loader.state_dict(), "history": r.history,
+                "graph_hash": self.s.plan.hash}
+
+    def _restore(self, state: dict) -> None:
+        r = self.r
+        r.step, r.tokens, r.train_s = state["step"], state["tokens"], state["train_s"]
+        r.compile_s, r.eval_s, r.history = state["compile_s"], state["eval_s"], state["history"]
+        self.s.loader.load_state_dict(state["loader"])
+
+    def _finish(self, status: str, message: str = "") -> RunResult:
+        self.r.status = status
+        self.r.message = self.r.message or message
+        self.s.close(self.r)
+        return self.r
