@@ -50,6 +50,8 @@ class RunConfig:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     checkpoint: bool = True
+    checkpoint_every_s: float = 600.0             # at evaluations, at most this often (0: each)
+    pure_steps: int = 0                           # after the run: time steps on a fixed batch
     progress: bool = True
     tags: dict = field(default_factory=dict)
 
@@ -194,8 +196,9 @@ class Setup:
             self.tracker.log_metrics(final, result.tokens)
             self.tracker.set_tags({"status": result.status, "message": result.message[:500]})
             ck = checkpoint.latest(self.run_dir)
-            if ck is not None and self.cfg.checkpoint:
-                self.tracker.log_artifact(str(ck), "checkpoint")
+            if ck is not None and self.cfg.checkpoint:  # weights and state; optimizer stays local
+                for f in ("model.safetensors", "state.json"):
+                    self.tracker.log_artifact(str(ck / f), "checkpoint")
             (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=1, default=str))
         self.tracker.end(result.status)
 

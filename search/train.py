@@ -46,6 +46,10 @@ def parse_args(argv=None) -> RunConfig:
     ap.add_argument("--evals", type=int, default=10, help="evaluations over the run")
     ap.add_argument("--eval-bytes", type=parse_count, help="validation span in bytes")
     ap.add_argument("--log-every", type=int, default=10, help="steps between logged train metrics")
+    ap.add_argument("--checkpoint-every", default="10m",
+                    help="checkpoint at evaluations at most this often (0: at every one)")
+    ap.add_argument("--pure-steps", type=int, default=0,
+                    help="after the run, time this many steps on one batch (pure step speed)")
     ap.add_argument("--out", help="run folder (default runs/<graph>-<hash>-<time>)")
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     ap.add_argument("--compile", default="auto", choices=["auto", "regional", "full", "none"])
@@ -60,7 +64,8 @@ def parse_args(argv=None) -> RunConfig:
         budget = 600.0
     return RunConfig(graph=a.graph, size=a.size, sets=tuple(a.sets), budget_s=budget, max_tokens=tokens,
                      data=a.data, seed=a.seed, evals=a.evals, eval_bytes=a.eval_bytes,
-                     log_every=a.log_every, out=a.out, resume=a.resume, compile=a.compile,
+                     log_every=a.log_every, out=a.out,
+                     checkpoint_every_s=parse_duration(a.checkpoint_every), pure_steps=a.pure_steps, resume=a.resume, compile=a.compile,
                      device=a.device, track=not a.no_track, experiment=a.experiment,
                      progress=not a.no_progress)
 
@@ -80,6 +85,9 @@ def main(argv=None) -> int:
     print(f"{r.status}: {r.step} steps, {r.tokens:,} tokens in {format_duration(r.train_s)} of training "
           f"(+{r.compile_s:.1f}s compile, {r.eval_s:.1f}s eval); val loss {loss}, val bpb {bpb}; "
           f"run {r.run_id or '-'} in {r.run_dir}" + (f"\n{r.message}" if r.message else ""))
+    if r.pure_tok_s:
+        print(f"end-to-end {r.e2e_tok_s:,.0f} tok/s = {r.e2e_tok_s / r.pure_tok_s:.3f} x the pure step "
+              f"speed {r.pure_tok_s:,.0f} tok/s (same process, fixed batch)")
     return EXIT.get(r.status, 1)
 
 

@@ -37,6 +37,8 @@ class RunResult:
     val_bpb: float | None = None
     tok_s: float | None = None
     mfu: float | None = None
+    e2e_tok_s: float | None = None     # tokens / loop wall time after compile (data, logs, evals in)
+    pure_tok_s: float | None = None    # the same step on one device-resident batch, nothing else
     run_id: str | None = None
     run_dir: str | None = None
     message: str = ""
@@ -62,7 +64,8 @@ class Trainer:
         self.cfg = s.cfg
         self.on_eval = on_eval          # callback(tokens, metrics) -> True to stop (prune)
         self.model = s.model
-        self.step_fn = compile_model(s.model, s.compile_mode) if s.compile_mode != "none" else s.model
+        self.step_fn = compile_model(s.model, s.compile_mode, dynamic=False) \
+            if s.compile_mode != "none" else s.model
         self.ddp = s.wrap(self.step_fn)
         self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
         self.loss_acc = None
@@ -84,13 +87,14 @@ class Trainer:
             torch.cuda.synchronize(self.s.device)
 
     # ----- one optimizer step (accumulating micro-batches)
-    def train_step(self) -> None:
+    def train_step(self, batch=None) -> None:
+        """One optimizer step over `accum` micro-batches (from the loader, or `batch` each time)."""
         s, recipe = self.s, self.s.recipe
         lr = lr_at(recipe, self.progress())
         for g in s.opt.param_groups:
             g["lr"] = lr
         for micro in range(s.accum):
-            x, y = s.loader.next()
+            x, y = batch if batch is not None else s.loader.next()
             sync = contextlib.nullcontext() if micro == s.accum - 1 or not s.dist.enabled \
                 else self.ddp.no_sync()
             with sync, s.autocast():
@@ -123,6 +127,7 @@ class Trainer:
             self._restore(state)
         last_log_t, last_log_tokens, n_since_log = None, self.r.tokens, 0
         next_eval = self._next_eval()
+        self.last_ckpt = time.perf_counter()
         try:
             while True:
                 t0 = time.perf_counter()
@@ -133,6 +138,7 @@ class Trainer:
                     self.r.compile_s += time.perf_counter() - t0
                     s.track_metrics({"time/compile_s": self.r.compile_s}, self.r.tokens)
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
+                    loop_t0, loop_tokens0 = last_log_t, self.r.tokens
                     self.loss_acc = None
                     continue
                 self.r.train_s += time.perf_counter() - t0
@@ -145,12 +151,15 @@ class Trainer:
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                 if done or self.progress() >= next_eval:
                     stop = self._evaluate()
-                    self._checkpoint()
+                    self._checkpoint(force=done or stop)
                     next_eval = self._next_eval()
                     last_log_t = time.perf_counter()
                     if stop:
                         return self._finish("pruned")
                 if done:
+                    self._sync()
+                    self.r.e2e_tok_s = (self.r.tokens - loop_tokens0) / (time.perf_counter() - loop_t0)
+                    self._pure_speed()
                     return self._finish("completed")
         except KeyboardInterrupt:
             self._checkpoint()
@@ -200,10 +209,29 @@ class Trainer:
         barrier(s.dist)
         return stop
 
-    def _checkpoint(self) -> None:
-        if self.s.dist.main and self.cfg.checkpoint:
+    def _checkpoint(self, force: bool = True) -> None:
+        due = time.perf_counter() - self.last_ckpt >= self.cfg.checkpoint_every_s
+        if self.s.dist.main and self.cfg.checkpoint and (force or due):
             checkpoint.save(self.s.run_dir, self.s.model, self.s.opt, self._state())
+            self.last_ckpt = time.perf_counter()
         barrier(self.s.dist)
+
+    def _pure_speed(self) -> None:
+        """After the run (its final checkpoint is written): time `pure_steps` steps on one batch
+        already on the device, the speed the loop would have with free data, logs and evals."""
+        n = self.cfg.pure_steps
+        if n <= 0:
+            return
+        batch = self.s.loader.next()
+        self.train_step(batch)
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.train_step(batch)
+        self._sync()
+        self.r.pure_tok_s = n * self.s.tokens_per_step / (time.perf_counter() - t0)
+        self.s.track_metrics({"perf/pure_tok_s": self.r.pure_tok_s, "perf/e2e_tok_s": self.r.e2e_tok_s,
+                              "perf/e2e_ratio": self.r.e2e_tok_s / self.r.pure_tok_s}, self.r.tokens)
 
     def _state(self) -> dict:
         r = self.r
