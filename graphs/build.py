@@ -70,6 +70,9 @@ class GraphModel(nn.Module):
                 self._program.append(("step", item.id, keys, len(item.out_kinds), skip))
         self._bind_refs()
         self._outputs = {k: (r.node, r.port) for k, r in plan.outputs.items()}
+        self._segments = self.segments()
+        # what runs each run of steps: the plain method, or a compiled region (graphs.compile)
+        self.segment_fns = [self._run_steps] * len(self._segments)
 
     def _add_group(self, g: Group, needs_targets: set) -> None:
         cross = sorted({(r.node, r.port, r.layer) for layer in g.layers for s in layer
@@ -98,25 +101,42 @@ class GraphModel(nn.Module):
                 if f.ref and target is not None:
                     block.bind(f.name, getattr(self, target))
 
+    def segments(self) -> list:
+        """The program cut into runs of top-level steps and single groups; regional compilation
+        compiles each run of steps as one region (e.g. final norm + head + loss fuse)."""
+        out = []
+        for op in self._program:
+            if op[0] == "step" and out and out[-1][0] == "steps":
+                out[-1][1].append(op)
+            elif op[0] == "step":
+                out.append(("steps", [op]))
+            else:
+                out.append(("group", op))
+        return out
+
+    def _run_steps(self, ops: list, env: dict, has_targets: bool) -> dict:
+        """Run a list of top-level steps on `env`; returns the values they produce."""
+        local, new = dict(env), {}
+        for _, name, keys, n_out, skip in ops:
+            if skip and not has_targets:
+                continue
+            y = getattr(self, name)(*[local[k] for k in keys])
+            outs = (y,) if n_out == 1 else tuple(y)
+            for p, v in enumerate(outs):
+                local[(name, p)] = new[(name, p)] = v
+        return new
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         if idx.shape[1] > self.plan.seq_len:
             raise ValueError(f"sequence of {idx.shape[1]} exceeds the context of {self.plan.seq_len}")
         env = {(self.plan.input, 0): idx}
         if targets is not None:
             env[("targets", 0)] = targets
-        for op in self._program:
-            if op[0] == "step":
-                _, name, keys, n_out, skip = op
-                if skip and targets is None:
-                    continue
-                y = getattr(self, name)(*[env[k] for k in keys])
-                if n_out == 1:
-                    env[(name, 0)] = y
-                else:
-                    for p, v in enumerate(y):
-                        env[(name, p)] = v
+        for i, (kind, body) in enumerate(self._segments):
+            if kind == "steps":
+                env.update(self.segment_fns[i](body, env, targets is not None))
             else:
-                self._run_group(op, env)
+                self._run_group(body, env)
         loss_key = self._outputs["loss"]
         return env[self._outputs["logits"]], env.get(loss_key) if targets is not None else None
 

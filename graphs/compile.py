@@ -2,8 +2,9 @@
 
 `regional`: every layer of a repeat group is compiled with `Module.compile()`; identical layers
 share one compiled graph (PyTorch inlines built-in nn.Modules and treats their parameters as
-inputs), so a 12-layer stack compiles like one layer. The nodes outside groups (embeddings,
-final norm, head, loss) are compiled one by one. `full`: one `torch.compile` of the whole model
+inputs), so a 12-layer stack compiles like one layer. Each run of nodes between groups (the
+embeddings; the final norm, head and loss) is compiled as one region, so the loss fuses with the
+head as it does in a whole-model compile. `full`: one `torch.compile` of the whole model
 (slower to compile, can fuse across node boundaries). `auto` = regional when the graph has repeat
 groups, full otherwise.
 """
@@ -29,7 +30,7 @@ def compile_model(model: GraphModel, mode: str = "auto", **options) -> nn.Module
     for group in groups:
         for layer in group:
             layer.compile(**options)
-    for name, block in model.named_children():
-        if not isinstance(block, nn.ModuleList) and any(True for _ in block.parameters()):
-            block.compile(**options)
+    for i, (kind, _) in enumerate(model.segments()):
+        if kind == "steps":
+            model.segment_fns[i] = torch.compile(model._run_steps, **options)
     return model

@@ -222,6 +222,7 @@ class Trainer:
         n = self.cfg.pure_steps
         if n <= 0:
             return
+        step, tokens = self.r.step, self.r.tokens
         batch = self.s.loader.next()
         self.train_step(batch)
         self._sync()
@@ -230,6 +231,7 @@ class Trainer:
             self.train_step(batch)
         self._sync()
         self.r.pure_tok_s = n * self.s.tokens_per_step / (time.perf_counter() - t0)
+        self.r.step, self.r.tokens = step, tokens  # these steps are a measurement, not the run
         self.s.track_metrics({"perf/pure_tok_s": self.r.pure_tok_s, "perf/e2e_tok_s": self.r.e2e_tok_s,
                               "perf/e2e_ratio": self.r.e2e_tok_s / self.r.pure_tok_s}, self.r.tokens)
 
