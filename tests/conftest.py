@@ -27,3 +27,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 with an empty database `optuna`; its SQLAlchemy URL.
+
+    Fails (never skips) when the server binaries or the driver are missing: the README's test
+    command installs them, and a skip would hide a missing install step.
+    """
+    from pg import PostgresError, PostgresServer  # tests/pg.py
+
+    try:
+        server = PostgresServer().start()
+    except PostgresError as e:
+        problem = str(e)
+    else:
+        problem = None
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    try:
+        server.create_database("optuna")
+        yield server.url("optuna")
+    finally:
+        server.stop()
