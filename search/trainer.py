@@ -45,15 +45,17 @@ class RunResult:
     history: list = field(default_factory=list)
 
 
-def _fault() -> tuple[str, int] | None:
-    """Fault injection for tests of containment: PLAYGROUND_FAULT=nan@STEP or raise@STEP."""
-    spec = os.environ.get("PLAYGROUND_FAULT", "")
-    if not spec:
-        return None
-    kind, _, step = spec.partition("@")
-    if kind not in ("nan", "raise") or not step.isdigit():
-        raise ValueError(f"PLAYGROUND_FAULT={spec!r}: expected nan@STEP or raise@STEP")
-    return kind, int(step)
+def _fault(trial: str | None = None) -> tuple[str, int] | None:
+    """Fault injection for tests of containment: PLAYGROUND_FAULT=nan@STEP or raise@STEP, or a
+    comma list of TRIAL:KIND@STEP entries that apply only to that Optuna trial number."""
+    for spec in filter(None, os.environ.get("PLAYGROUND_FAULT", "").split(",")):
+        target, _, rule = spec.rpartition(":")
+        kind, _, step = rule.partition("@")
+        if kind not in ("nan", "raise") or not step.isdigit():
+            raise ValueError(f"PLAYGROUND_FAULT={spec!r}: expected [TRIAL:]nan@STEP or raise@STEP")
+        if not target or target == trial:
+            return kind, int(step)
+    return None
 
 
 class Trainer:
@@ -70,7 +72,7 @@ class Trainer:
         self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
         self.loss_acc = None
         self.bad_step = None
-        self.fault = _fault()
+        self.fault = _fault(s.cfg.tags.get("optuna.trial"))
 
     # ----- budget and schedule
     def progress(self) -> float:
