@@ -20,8 +20,22 @@ ACTIVATIONS = {
 }
 
 
+class _FeedForward(Block):
+    """Shared by both MLPs: width in = width out, fc then proj, GPT-2/Llama-style init."""
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        return same_hidden(ins, allow_streams=False)
+
+    def init_weights(self, gen):
+        normal_(self.fc.weight, self.cfg.std, gen)
+        normal_(self.proj.weight, self.cfg.proj_std, gen)
+        fill_(self.fc.bias, 0.0)
+        fill_(self.proj.bias, 0.0)
+
+
 @register
-class MLP(Block):
+class MLP(_FeedForward):
     """proj(act(fc(x))): width d -> hidden -> d."""
 
     type_name, family = "mlp", "mlp"
@@ -35,10 +49,6 @@ class MLP(Block):
         std: float = param(0.02, "init of fc: N(0, std)", min=0.0, max=10.0)
         proj_std: float = param(0.02, "init of the output projection", min=0.0, max=10.0)
 
-    @classmethod
-    def infer(cls, cfg, ins):
-        return same_hidden(ins, allow_streams=False)
-
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
         d = ins[0].width
@@ -46,18 +56,12 @@ class MLP(Block):
         self.proj = nn.Linear(cfg.hidden, d, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.act]
 
-    def init_weights(self, gen):
-        normal_(self.fc.weight, self.cfg.std, gen)
-        normal_(self.proj.weight, self.cfg.proj_std, gen)
-        fill_(self.fc.bias, 0.0)
-        fill_(self.proj.bias, 0.0)
-
     def forward(self, x):
         return self.proj(self.act(self.fc(x)))
 
 
 @register
-class SwiGLU(Block):
+class SwiGLU(_FeedForward):
     """proj(silu(gate(x)) * up(x)); gate and up are one fused projection `fc` = [gate; up]."""
 
     type_name, family = "swiglu", "mlp"
@@ -70,21 +74,11 @@ class SwiGLU(Block):
         std: float = param(0.02, "init of gate/up: N(0, std)", min=0.0, max=10.0)
         proj_std: float = param(0.02, "init of the output projection", min=0.0, max=10.0)
 
-    @classmethod
-    def infer(cls, cfg, ins):
-        return same_hidden(ins, allow_streams=False)
-
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
         d = ins[0].width
         self.fc = nn.Linear(d, 2 * cfg.hidden, bias=cfg.bias)
         self.proj = nn.Linear(cfg.hidden, d, bias=cfg.bias)
-
-    def init_weights(self, gen):
-        normal_(self.fc.weight, self.cfg.std, gen)
-        normal_(self.proj.weight, self.cfg.proj_std, gen)
-        fill_(self.fc.bias, 0.0)
-        fill_(self.proj.bias, 0.0)
 
     def forward(self, x):
         gate, up = self.fc(x).chunk(2, dim=-1)

@@ -1,0 +1,201 @@
+"""`python -m search.run [FILE...] [--budget 2h] [--trial-budget 5m] [--trials N] [--storage URL]`
+
+The architecture search. Optuna samples graph variants from the YAML markers (several files: the
+family is a choice too), trains each for an equal slice of device time, prunes poor trials by
+successive halving, and tracks one MLflow parent run per study with a child run per trial. The
+unmodified graphs are enqueued first, so every study contains its baseline. Re-running the same
+command resumes the study. With no FILE: the default study of graphs/ngpt.yaml (graphs/gpt2.yaml
+until nGPT lands) at `tiny` size, sized to finish in about 5 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from graphs.errors import GraphError
+from search.budget import format_duration, parse_count, parse_duration
+from search.study import Objective, StudyConfig, TrialFailed, baseline_params, load_families
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_GRAPHS = ["graphs/ngpt.yaml", "graphs/gpt2.yaml"]
+_PARENT: list = []
+
+
+def default_files() -> list[str]:
+    for f in DEFAULT_GRAPHS:
+        if (ROOT / f).exists():
+            if f != DEFAULT_GRAPHS[0]:
+                print(f"note: {DEFAULT_GRAPHS[0]} does not exist yet; the default study uses {f}",
+                      file=sys.stderr)
+            return [str(ROOT / f)]
+    raise FileNotFoundError("no default graph found")
+
+
+def storage(cfg: StudyConfig):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    kw = {"connect_args": {"timeout": 60}} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True}
+    return RDBStorage(cfg.storage, engine_kwargs=kw, heartbeat_interval=cfg.heartbeat_s,
+                      grace_period=3 * cfg.heartbeat_s,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+
+
+def pruner(name: str):
+    import optuna.pruners as p
+    return {"sh": lambda: p.SuccessiveHalvingPruner(), "hyperband": lambda: p.HyperbandPruner(),
+            "median": lambda: p.MedianPruner(n_startup_trials=2), "wilcoxon": lambda: p.WilcoxonPruner(),
+            "none": lambda: p.NopPruner()}[name]()
+
+
+def open_study(cfg: StudyConfig, fams: dict):
+    import warnings
+
+    import optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = ["minimize"] + [{"params": "minimize", "tok_s": "maximize"}[a] for a in cfg.also]
+    study = optuna.create_study(study_name=cfg.study, storage=storage(cfg), load_if_exists=True,
+                                directions=directions, pruner=pruner(cfg.pruner),
+                                sampler=optuna.samplers.TPESampler(seed=0, group=True,
+                                                                   multivariate=True))
+    if not study.get_trials(deepcopy=False):
+        for params in baseline_params(fams):
+            study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
+        study.set_user_attr("budget_s", cfg.budget_s)
+        study.set_user_attr("files", cfg.files)
+    return study
+
+
+def parent_run(cfg: StudyConfig, study) -> str | None:
+    """One MLflow parent run per study, shared by every worker and every re-run."""
+    from search.track import Tracker
+    rid = study.user_attrs.get("mlflow_parent_run_id")
+    if rid:
+        return rid
+    t = Tracker(cfg.experiment, f"study-{cfg.study}", tracking_uri=cfg.tracking_uri,
+                local_dir=Path("runs") / cfg.study, system_metrics=False,
+                tags={"optuna.study": cfg.study, "kind": "study", "files": ",".join(cfg.files)})
+    t.start()
+    t.log_params({"budget_s": cfg.budget_s, "trial_budget_s": cfg.trial_budget_s,
+                  "objective": cfg.objective, "also": ",".join(cfg.also), "size": cfg.size,
+                  "pruner": cfg.pruner})
+    if t.run_id:
+        study.set_user_attr("mlflow_parent_run_id", t.run_id)
+    _PARENT.append(t)  # ended by report.finish when this process's share of the study is done
+    return t.run_id
+
+
+def worker(cfg: StudyConfig, index: int) -> None:
+    """One optimisation loop; with several GPUs, worker i uses GPU i."""
+    import warnings
+
+    import optuna
+    import torch
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if torch.cuda.is_available() and cfg.workers > 1:
+        torch.cuda.set_device(index % torch.cuda.device_count())
+    fams = load_families(cfg)
+    study = open_study(cfg, fams)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    callbacks = [stop_when_spent(cfg)]
+    if cfg.trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(
+            cfg.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                optuna.trial.TrialState.FAIL)))
+    study.optimize(Objective(cfg, fams), callbacks=callbacks, catch=(TrialFailed, Exception),
+                   gc_after_trial=True)
+
+
+def stop_when_spent(cfg: StudyConfig):
+    from search.study import used_device_s
+
+    def callback(study, trial):
+        if used_device_s(study) >= cfg.budget_s * 0.98:
+            study.stop()
+    return callback
+
+
+def _spawn_workers(cfg: StudyConfig) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(cfg, i)) for i in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+
+
+def parse_args(argv=None) -> StudyConfig:
+    ap = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.split("\n\n")[1])
+    ap.add_argument("files", nargs="*", metavar="FILE")
+    ap.add_argument("--size", help="graph size (default: tiny for the default study)")
+    ap.add_argument("--set", action="append", default=[], metavar="K=V", dest="sets")
+    ap.add_argument("--budget", default=None, help="device time of the whole study (default 4m "
+                                                   "for the default study, else 1h)")
+    ap.add_argument("--trial-budget", default=None, help="training time per trial (default 25s "
+                                                         "for the default study, else 5m)")
+    ap.add_argument("--trial-tokens", help="train each trial on this many tokens instead of a time")
+    ap.add_argument("--trials", type=int, help="stop after this many finished trials")
+    ap.add_argument("--objective", default="val_bpb", choices=["val_bpb", "val_loss"])
+    ap.add_argument("--also", action="append", default=[], choices=["params", "tok_s"],
+                    help="more objectives (multi-objective: the Pareto front is reported)")
+    ap.add_argument("--study", help="study name (default: from the graph names and size)")
+    ap.add_argument("--storage", help="Optuna storage URL (default sqlite:///optuna.db here)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    ap.add_argument("--seeds", type=int, default=0, help="re-run the top trials with K seeds")
+    ap.add_argument("--data", help="token shards folder, raw_u16:DIR, or builtin (default)")
+    ap.add_argument("--pruner", default="sh", choices=["sh", "hyperband", "median", "wilcoxon", "none"])
+    ap.add_argument("--max-params", type=parse_count, help="pre-flight cap on parameters")
+    ap.add_argument("--experiment", default="playground")
+    ap.add_argument("--evals", type=int, default=4, help="evaluations (pruning rungs) per trial")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--heartbeat", type=int, default=10, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    default_study = not a.files
+    files = a.files or default_files()
+    size = a.size or ("tiny" if default_study else None)
+    budget = parse_duration(a.budget or ("4m" if default_study else "1h"))
+    trial_budget = None if a.trial_tokens and not a.trial_budget else \
+        parse_duration(a.trial_budget or ("25s" if default_study else "5m"))
+    names = "+".join(Path(f).stem for f in files)
+    study = a.study or f"{names}-{size or 'default'}"
+    return StudyConfig(files=[str(f) for f in files], study=study,
+                       storage=a.storage or f"sqlite:///{Path('optuna.db').resolve()}", size=size,
+                       sets=tuple(a.sets), budget_s=budget, trial_budget_s=trial_budget,
+                       trial_tokens=parse_count(a.trial_tokens) if a.trial_tokens else None,
+                       trials=a.trials, objective=a.objective, also=tuple(a.also), workers=a.workers,
+                       seeds=a.seeds, data=a.data, pruner=a.pruner, max_params=a.max_params,
+                       experiment=a.experiment, device=a.device, evals=a.evals,
+                       eval_bytes=8192 if default_study else None, heartbeat_s=a.heartbeat)
+
+
+def main(argv=None) -> int:
+    from search import report
+    try:
+        cfg = parse_args(argv)
+        fams = load_families(cfg)
+        study = open_study(cfg, fams)
+    except (GraphError, ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    cfg = replace(cfg, parent_run_id=parent_run(cfg, study), families=dict(cfg.families))
+    print(f"study {cfg.study}: {', '.join(fams)}; budget {format_duration(cfg.budget_s)} of device "
+          f"time, {format_duration(cfg.trial_budget_s or 0)} per trial; storage {cfg.storage}",
+          file=sys.stderr)
+    if cfg.workers > 1:
+        _spawn_workers(cfg)
+    else:
+        worker(cfg, 0)
+    if cfg.seeds:
+        report.reseed(cfg, study)
+    print(report.summary(cfg, study))
+    report.finish(cfg, study, _PARENT[0] if _PARENT else None)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

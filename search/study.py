@@ -1,0 +1,240 @@
+"""One Optuna trial: sample a concrete graph from the YAML markers, check it before spending
+device time, train it for an equal slice of time, report to the pruner, and contain failures.
+
+Device time is counted per trial as its wall time on the device (set-up, compilation, training
+and evaluation included) and summed over the study's trials in storage, so several workers share
+one budget; a running trial counts what it has used so far.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+import graphs
+from graphs.cost import analyse
+from search.setup import RunConfig
+from search.train import run_training
+
+
+@dataclass
+class StudyConfig:
+    files: list[str]
+    study: str
+    storage: str
+    size: str | None = None
+    sets: tuple = ()
+    budget_s: float = 270.0                 # the whole study's device time
+    trial_budget_s: float | None = 25.0     # each trial's training time (equal cost)
+    trial_tokens: int | None = None         # or equal tokens
+    trials: int | None = None
+    objective: str = "val_bpb"              # or val_loss
+    also: tuple = ()                        # extra objectives: params, tok_s
+    workers: int = 1
+    seeds: int = 0
+    data: str | None = None
+    pruner: str = "sh"
+    max_params: float | None = None
+    experiment: str = "playground"
+    device: str = "auto"
+    evals: int = 4
+    eval_bytes: int | None = None
+    heartbeat_s: int = 10
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    families: dict = field(default_factory=dict)   # name -> file, filled by load_families
+
+
+class TrialFailed(Exception):
+    """A trial that ended without a value (diverged, failed); the study goes on."""
+
+
+def load_families(cfg: StudyConfig) -> dict[str, graphs.Graph]:
+    fams = {}
+    for f in cfg.files:
+        g = graphs.load(f, cfg.size, cfg.sets)
+        if g.name in fams:
+            raise ValueError(f"two graph files are named {g.name!r}")
+        fams[g.name] = g
+        cfg.families[g.name] = f
+    return fams
+
+
+def param_name(family: str, dim: str, multi: bool) -> str:
+    return f"{family}:{dim}" if multi else dim
+
+
+def sample(trial: optuna.Trial, fams: dict) -> tuple[str, dict]:
+    """Define-by-run: the family, then its markers; children only when their option is chosen."""
+    names = list(fams)
+    multi = len(names) > 1
+    fam = trial.suggest_categorical("graph", names) if multi else names[0]
+    chosen: dict = {}
+    for d in fams[fam].space():
+        if d.parent is not None and chosen.get(d.parent[0]) != d.parent[1]:
+            continue
+        p = param_name(fam, d.name, multi)
+        if d.kind == "choice":
+            v = trial.suggest_categorical(p, list(d.choices))
+        elif d.kind == "int":
+            v = trial.suggest_int(p, int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
+        else:
+            v = trial.suggest_float(p, float(d.low), float(d.high), step=d.step, log=d.log)
+        chosen[d.name] = v
+    return fam, chosen
+
+
+def baseline_params(fams: dict) -> list[dict]:
+    """The unmodified graphs (every marker at its default), one per family."""
+    out = []
+    multi = len(fams) > 1
+    for fam, g in fams.items():
+        chosen, params = {}, {"graph": fam} if multi else {}
+        for d in g.space():
+            if d.parent is not None and chosen.get(d.parent[0]) != d.parent[1]:
+                continue
+            chosen[d.name] = d.default
+            params[param_name(fam, d.name, multi)] = d.default
+        out.append(params)
+    return out
+
+
+def used_device_s(study: optuna.Study, exclude: int | None = None) -> float:
+    now = time.time()
+    total = 0.0
+    for t in study.get_trials(deepcopy=False):
+        if t.number == exclude:
+            continue
+        if "device_s" in t.user_attrs:
+            total += t.user_attrs["device_s"]
+        elif t.state == optuna.trial.TrialState.RUNNING and "started" in t.user_attrs:
+            total += now - t.user_attrs["started"]
+    return total
+
+
+def _same_graph(study, trial, digest):
+    for t in study.get_trials(deepcopy=False):
+        if t.number != trial.number and t.user_attrs.get("graph_hash") == digest and \
+                t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING):
+            return t
+    return None
+
+
+class Objective:
+    """Callable for `study.optimize`: returns the objective value(s) of one trial."""
+
+    def __init__(self, cfg: StudyConfig, fams: dict):
+        self.cfg, self.fams = cfg, fams
+        self.multi = bool(cfg.also)
+
+    def __call__(self, trial: optuna.Trial):
+        cfg, study = self.cfg, trial.study
+        started = time.time()
+        trial.set_user_attr("started", started)
+        trial.set_user_attr("pid", os.getpid())
+        try:
+            return self._run(trial, study, started)
+        finally:
+            trial.set_user_attr("device_s", time.time() - started)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _run(self, trial, study, started):
+        cfg = self.cfg
+        fam, params = sample(trial, self.fams)
+        plan = graphs.elaborate(self.fams[fam].resolve(params))
+        trial.set_user_attr("graph", fam)
+        trial.set_user_attr("graph_hash", plan.hash)
+        twin = _same_graph(study, trial, plan.hash)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin.number)
+            if twin.state == optuna.trial.TrialState.COMPLETE:
+                trial.set_user_attr("status", "duplicate")
+                return twin.values if self.multi else twin.value
+            self._prune(trial, f"same graph as running trial {twin.number}")
+        remaining = cfg.budget_s - used_device_s(study, exclude=trial.number)
+        if remaining <= 0:
+            study.stop()
+            self._prune(trial, "the study's device-time budget is spent")
+        cost = analyse(plan)
+        trial.set_user_attr("params", cost.params)
+        trial.set_user_attr("flops_per_token", cost.flops_per_token)
+        reason = self._preflight(plan, cost, remaining)
+        if reason and "budget" in reason:
+            study.stop()
+        if reason:
+            self._prune(trial, "pre-flight: " + reason)
+        torch._dynamo.reset()  # a fresh compilation state per trial: no silent eager fallback
+        budget = None if cfg.trial_budget_s is None else min(cfg.trial_budget_s, remaining)
+        run = RunConfig(graph=cfg.families[fam], size=cfg.size, sets=tuple(cfg.sets), params=params,
+                        budget_s=budget, max_tokens=cfg.trial_tokens, data=cfg.data, seed=0,
+                        evals=cfg.evals, eval_bytes=cfg.eval_bytes, device=cfg.device,
+                        experiment=cfg.experiment, run_name=f"{cfg.study}-trial-{trial.number}",
+                        parent_run_id=cfg.parent_run_id, tracking_uri=cfg.tracking_uri,
+                        progress=False, checkpoint=True, out=f"runs/{cfg.study}/trial-{trial.number}",
+                        tags={"optuna.study": cfg.study, "optuna.trial": str(trial.number)})
+        try:
+            result = run_training(run, on_eval=self._on_eval(trial, started))
+        except Exception as e:
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            raise TrialFailed(f"trial {trial.number} failed: {type(e).__name__}: {e}") from e
+        self._record(trial, result)
+        if result.status == "pruned":
+            raise optuna.TrialPruned(trial.user_attrs.get("prune_reason", "pruned by the pruner"))
+        if result.status != "completed" or result.val_bpb is None:
+            raise TrialFailed(f"trial {trial.number} {result.status}: {result.message}")
+        value = result.val_bpb if cfg.objective == "val_bpb" else result.val_loss
+        if not self.multi:
+            return value
+        extra = {"params": float(trial.user_attrs["params"]), "tok_s": result.tok_s or 0.0}
+        return [value] + [extra[k] for k in cfg.also]
+
+    def _preflight(self, plan, cost, remaining) -> str | None:
+        cfg = self.cfg
+        if cfg.max_params and cost.params > cfg.max_params:
+            return f"{cost.params:,} parameters exceed the cap of {cfg.max_params:,.0f}"
+        if torch.cuda.is_available():
+            need = cost.train_state_bytes + cost.act_bytes_per_seq * plan.training.micro_batch
+            have = torch.cuda.get_device_properties(0).total_memory
+            if need > 0.9 * have:
+                return f"needs about {need / 2**30:.1f} GiB, the GPU has {have / 2**30:.1f} GiB"
+        if cfg.trial_budget_s and remaining < 0.25 * cfg.trial_budget_s:
+            return f"only {remaining:.0f} s of the study budget left, less than a quarter trial"
+        return None
+
+    def _prune(self, trial, reason: str):
+        trial.set_user_attr("status", "pruned")
+        trial.set_user_attr("prune_reason", reason)
+        raise optuna.TrialPruned(reason)
+
+    def _on_eval(self, trial, started):
+        cfg = self.cfg
+
+        def report(tokens: int, metrics: dict) -> bool:
+            if cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) <= 0:
+                trial.set_user_attr("prune_reason", "the study's device-time budget ran out mid-trial")
+                return True
+            if self.multi:
+                return False  # Optuna prunes single-objective studies only
+            value = metrics["val/bpb"] if cfg.objective == "val_bpb" else metrics["val/loss"]
+            trial.report(value, step=tokens)
+            if trial.should_prune():
+                trial.set_user_attr("prune_reason", f"pruner: {value:.4f} at {tokens:,} tokens")
+                return True
+            return False
+        return report
+
+    def _record(self, trial, r) -> None:
+        for k in ("status", "val_bpb", "val_loss", "tok_s", "mfu", "train_s", "compile_s", "eval_s",
+                  "tokens", "run_id"):
+            v = getattr(r, k)
+            if v is not None:
+                trial.set_user_attr("mlflow_run_id" if k == "run_id" else k, v)

@@ -1,0 +1,138 @@
+"""The architecture search end to end on the CPU: the default study, a killed worker, failures
+contained, and two workers sharing one study on a real PostgreSQL server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+GPT2 = str(ROOT / "graphs" / "gpt2.yaml")
+LLAMA = str(ROOT / "graphs" / "llama.yaml")
+
+
+def env_for(tmp: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def search(tmp: Path, *args, wait=True, **env):
+    cmd = [sys.executable, "-m", "search.run", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=tmp, env=env_for(tmp, **env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=tmp, env=env_for(tmp, **env), capture_output=True, text=True,
+                          timeout=900)
+
+
+def trials(tmp: Path, study: str, storage: str | None = None):
+    import optuna
+    return optuna.load_study(study_name=study, storage=storage or f"sqlite:///{tmp}/optuna.db").trials
+
+
+def test_default_study_finishes_in_five_minutes_with_tracked_trials(tmp_path):
+    t0 = time.time()
+    out = search(tmp_path)
+    took = time.time() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert took < 300, took                                  # 5 minutes, start-up included
+    assert "study gpt2-tiny" in out.stdout and "best graph:" in out.stdout
+    best = tmp_path / "studies" / "gpt2-tiny" / "best.yaml"
+    assert best.exists() and "graph hash" in best.read_text()
+    import graphs
+    assert graphs.loads(best.read_text()).concrete             # a concrete graph, ready to train
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("playground")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) >= 4, len(children)
+    with_curves = [c for c in children if len(client.get_metric_history(c.info.run_id, "val/bpb")) >= 2]
+    assert len(with_curves) >= 4
+    ts = trials(tmp_path, "gpt2-tiny")
+    assert ts[0].user_attrs.get("baseline")                  # the unmodified graph came first
+    for c in children:
+        n = int(c.data.tags["optuna.trial"])
+        assert ts[n].user_attrs.get("graph_hash") == c.data.tags["graph_hash"]
+
+
+def test_killed_worker_is_marked_failed_and_the_study_completes(tmp_path):
+    args = ["--budget", "80s", "--trial-budget", "10s", "--heartbeat", "1", "--study", "k"]
+    proc = search(tmp_path, GPT2, "--size", "tiny", *args, wait=False)
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and killed is None:
+        time.sleep(1)
+        if not (tmp_path / "optuna.db").exists():
+            continue
+        try:
+            ts = trials(tmp_path, "k")
+        except Exception:
+            continue
+        done = [t for t in ts if t.state.name == "COMPLETE"]
+        running = [t for t in ts if t.state.name == "RUNNING" and
+                   time.time() - t.user_attrs.get("started", time.time()) > 4]
+        if done and running:
+            killed = running[0].number
+            completed_before = {t.number for t in done}
+            proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed is not None, "no trial was running to kill"
+    time.sleep(4)                                             # past the heartbeat grace period
+    out = search(tmp_path, GPT2, "--size", "tiny", *args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ts = trials(tmp_path, "k")
+    assert ts[killed].state.name == "FAIL"
+    assert completed_before <= {t.number for t in ts if t.state.name == "COMPLETE"}
+    assert not [t for t in ts if t.state.name == "RUNNING"]
+    used = sum(t.user_attrs.get("device_s", 0) for t in ts)
+    assert used <= 80 * 1.3                                   # the budget held across both runs
+
+
+def test_nan_and_raising_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    out = search(tmp_path, GPT2, "--size", "tiny", "--trials", "4", "--trial-tokens", "4096",
+                 "--budget", "10m", "--study", "f", "--pruner", "none",
+                 PLAYGROUND_FAULT="1:nan@2,2:raise@1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ts = trials(tmp_path, "f")
+    assert ts[1].state.name == "FAIL" and ts[1].user_attrs["status"] == "diverged"
+    assert ts[2].state.name == "FAIL" and "injected failure" in ts[2].user_attrs["error"]
+    assert "Traceback" in ts[2].user_attrs["traceback"]
+    assert [t.state.name for t in ts].count("COMPLETE") >= 2
+    assert "diverged" in out.stdout and "injected failure" in out.stdout
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {r.data.tags.get("optuna.trial"): r for r in
+            client.search_runs([client.get_experiment_by_name("playground").experiment_id])}
+    assert runs["1"].info.status == "FAILED" and runs["1"].data.tags["status"] == "diverged"
+    assert runs["2"].info.status == "FAILED"
+    assert "error.txt" in {a.path for a in client.list_artifacts(runs["2"].info.run_id)}
+
+
+def test_two_workers_share_a_postgres_study_without_running_a_trial_twice(tmp_path, postgres_url):
+    out = search(tmp_path, GPT2, LLAMA, "--size", "tiny", "--trials", "6", "--trial-tokens", "2048",
+                 "--budget", "10m", "--workers", "2", "--storage", postgres_url, "--study", "pg",
+                 "--pruner", "none")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ts = trials(tmp_path, "pg", postgres_url)
+    trained = [t for t in ts if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert len(trained) >= 4
+    hashes = [t.user_attrs["graph_hash"] for t in trained]
+    assert len(hashes) == len(set(hashes))                    # no concrete graph trained twice
+    assert len({t.user_attrs["pid"] for t in ts if "pid" in t.user_attrs}) == 2
+    assert {t.params["graph"] for t in ts} == {"gpt2", "llama"}
