@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 import graphs
-from search.study import StudyConfig
+from search.study import StudyConfig, family_sets
 
 
 def _value(t):
@@ -70,7 +70,8 @@ def best_graph_yaml(cfg: StudyConfig, trial) -> str:
     fam = trial.user_attrs["graph"]
     multi = len(cfg.families) > 1
     params = {k.split(":", 1)[1] if multi else k: v for k, v in trial.params.items() if k != "graph"}
-    g = graphs.load(cfg.families[fam], cfg.size, cfg.sets).resolve(params)
+    f = cfg.families[fam]
+    g = graphs.load(f, cfg.size, family_sets(list(cfg.families.values()), cfg.sets)[f]).resolve(params)
     header = (f"# best graph of study {cfg.study}: trial {trial.number}, {cfg.objective} "
               f"{_value(trial):.4f}, graph hash {trial.user_attrs.get('graph_hash')}\n")
     return header + yaml.safe_dump(g.data, sort_keys=False)
@@ -117,7 +118,9 @@ def reseed(cfg: StudyConfig, study, top: int = 2) -> dict:
         params = {k.split(":", 1)[1] if multi else k: v for k, v in t.params.items() if k != "graph"}
         vals = []
         for seed in range(1, cfg.seeds + 1):
-            r = run_training(RunConfig(graph=cfg.families[fam], size=cfg.size, sets=tuple(cfg.sets),
+            f = cfg.families[fam]
+            r = run_training(RunConfig(graph=f, size=cfg.size,
+                                       sets=family_sets(list(cfg.families.values()), cfg.sets)[f],
                                        params=params, budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens,
                                        data=cfg.data, seed=seed, evals=1, eval_bytes=cfg.eval_bytes,
                                        device=cfg.device, experiment=cfg.experiment, progress=False,

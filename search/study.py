@@ -54,10 +54,28 @@ class TrialFailed(Exception):
     """A trial that ended without a value (diverged, failed); the study goes on."""
 
 
+def family_sets(files: list[str], sets) -> dict[str, tuple]:
+    """Each file's share of --set: a bare `var=value` goes to the files that have that variable
+    (so `n_kv_head=4` can tune llama beside gpt2); paths and unknown names go to every file, where
+    the loader reports them."""
+    from graphs.yamlsrc import load_file
+    names = {f: set((load_file(f)[0].get("vars") or {})) for f in files}
+    out = {}
+    for f in files:
+        mine = []
+        for item in sets:
+            key = item.partition("=")[0].strip()
+            if "." in key or key in names[f] or not any(key in n for n in names.values()):
+                mine.append(item)
+        out[f] = tuple(mine)
+    return out
+
+
 def load_families(cfg: StudyConfig) -> dict[str, graphs.Graph]:
     fams = {}
+    sets = family_sets(cfg.files, cfg.sets)
     for f in cfg.files:
-        g = graphs.load(f, cfg.size, cfg.sets)
+        g = graphs.load(f, cfg.size, sets[f])
         if g.name in fams:
             raise ValueError(f"two graph files are named {g.name!r}")
         fams[g.name] = g
@@ -172,7 +190,9 @@ class Objective:
             self._prune(trial, "pre-flight: " + reason)
         torch._dynamo.reset()  # a fresh compilation state per trial: no silent eager fallback
         budget = None if cfg.trial_budget_s is None else min(cfg.trial_budget_s, remaining)
-        run = RunConfig(graph=cfg.families[fam], size=cfg.size, sets=tuple(cfg.sets), params=params,
+        run = RunConfig(graph=cfg.families[fam], size=cfg.size,
+                        sets=family_sets(list(cfg.families.values()), cfg.sets)[cfg.families[fam]],
+                        params=params,
                         budget_s=budget, max_tokens=cfg.trial_tokens, data=cfg.data, seed=0,
                         evals=cfg.evals, eval_bytes=cfg.eval_bytes, device=cfg.device,
                         experiment=cfg.experiment, run_name=f"{cfg.study}-trial-{trial.number}",
