@@ -79,9 +79,8 @@ class GraphModel(nn.Module):
                         for r in s.ins if r.layer is not None})
         layers, extras_per_layer = [], []
         for i, steps in enumerate(g.layers):
-            outer = [Ref(n, p) for s in steps for r in s.ins if r.node in g.outer
-                     for n, p in [(r.node, r.port)]]
-            outer = list(dict.fromkeys(outer))
+            outer = list(dict.fromkeys(Ref(r.node, r.port) for s in steps for r in s.ins
+                                       if r.node in g.outer))
             mine = [Ref(n, p, k) for n, p, k in cross if k < i and any(
                 r == Ref(n, p, k) for s in steps for r in s.ins)]
             exports = [Ref(n, p) for n, p, k in cross if k == i]

@@ -11,7 +11,7 @@ import sys
 
 from blocks.kinds import Kind
 from blocks.registry import config_fields
-from graphs.elaborate import Group, Plan, Ref, elaborate
+from graphs.elaborate import Group, Plan, elaborate
 from graphs.graph import load
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 import graphs
-from search.study import StudyConfig, family_sets
+from search.study import StudyConfig
 
 
 def _value(t):
@@ -71,7 +71,7 @@ def best_graph_yaml(cfg: StudyConfig, trial) -> str:
     multi = len(cfg.families) > 1
     params = {k.split(":", 1)[1] if multi else k: v for k, v in trial.params.items() if k != "graph"}
     f = cfg.families[fam]
-    g = graphs.load(f, cfg.size, family_sets(list(cfg.families.values()), cfg.sets)[f]).resolve(params)
+    g = graphs.load(f, cfg.size, cfg.family_sets[f]).resolve(params)
     header = (f"# best graph of study {cfg.study}: trial {trial.number}, {cfg.objective} "
               f"{_value(trial):.4f}, graph hash {trial.user_attrs.get('graph_hash')}\n")
     return header + yaml.safe_dump(g.data, sort_keys=False)
@@ -120,7 +120,7 @@ def reseed(cfg: StudyConfig, study, top: int = 2) -> dict:
         for seed in range(1, cfg.seeds + 1):
             f = cfg.families[fam]
             r = run_training(RunConfig(graph=f, size=cfg.size,
-                                       sets=family_sets(list(cfg.families.values()), cfg.sets)[f],
+                                       sets=cfg.family_sets[f],
                                        params=params, budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens,
                                        data=cfg.data, seed=seed, evals=1, eval_bytes=cfg.eval_bytes,
                                        device=cfg.device, experiment=cfg.experiment, progress=False,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
-from search.study import Objective, StudyConfig, TrialFailed, baseline_params, load_families
+from search.study import Objective, StudyConfig, baseline_params, load_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRAPHS = ["graphs/ngpt.yaml", "graphs/gpt2.yaml"]
@@ -36,7 +36,6 @@ def default_files() -> list[str]:
 
 
 def storage(cfg: StudyConfig):
-    import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
     kw = {"connect_args": {"timeout": 60}} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True}
     return RDBStorage(cfg.storage, engine_kwargs=kw, heartbeat_interval=cfg.heartbeat_s,
@@ -89,24 +88,22 @@ def parent_run(cfg: StudyConfig, study) -> str | None:
     return t.run_id
 
 
-def worker(cfg: StudyConfig, index: int) -> None:
-    """One optimisation loop; with several GPUs, worker i uses GPU i."""
-    import warnings
-
+def worker(cfg: StudyConfig, index: int, fams: dict | None = None, study=None) -> None:
+    """One optimisation loop; with several GPUs, worker i uses GPU i. A spawned worker loads the
+    graphs and the study itself; the in-process one reuses the caller's."""
     import optuna
     import torch
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if torch.cuda.is_available() and cfg.workers > 1:
         torch.cuda.set_device(index % torch.cuda.device_count())
-    fams = load_families(cfg)
-    study = open_study(cfg, fams)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if study is None:
+        fams = load_families(cfg)
+        study = open_study(cfg, fams)
     callbacks = [stop_when_spent(cfg)]
     if cfg.trials:
         callbacks.append(optuna.study.MaxTrialsCallback(
             cfg.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                                 optuna.trial.TrialState.FAIL)))
-    study.optimize(Objective(cfg, fams), callbacks=callbacks, catch=(TrialFailed, Exception),
+    study.optimize(Objective(cfg, fams), callbacks=callbacks, catch=(Exception,),  # TrialFailed and crashes alike: recorded, the study goes on
                    gc_after_trial=True)
 
 
@@ -181,14 +178,14 @@ def main(argv=None) -> int:
     except (GraphError, ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
-    cfg = replace(cfg, parent_run_id=parent_run(cfg, study), families=dict(cfg.families))
+    cfg = replace(cfg, parent_run_id=parent_run(cfg, study))
     print(f"study {cfg.study}: {', '.join(fams)}; budget {format_duration(cfg.budget_s)} of device "
           f"time, {format_duration(cfg.trial_budget_s or 0)} per trial; storage {cfg.storage}",
           file=sys.stderr)
     if cfg.workers > 1:
         _spawn_workers(cfg)
     else:
-        worker(cfg, 0)
+        worker(cfg, 0, fams, study)
     if cfg.seeds:
         report.reseed(cfg, study)
     print(report.summary(cfg, study))

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ import graphs
 from graphs.cost import FLOPS_FORMULA, analyse
 from search import checkpoint
 from search.data import Loader, open_dataset, val_batches
-from search.dist import Dist, setup as dist_setup
+from search.dist import setup as dist_setup
 from search.perf import device_name, peak_flops
 from search.tokenizer import get_tokenizer
 from search.track import Tracker
@@ -201,7 +201,3 @@ class Setup:
                     self.tracker.log_artifact(str(ck / f), "checkpoint")
             (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=1, default=str))
         self.tracker.end(result.status)
-
-
-def with_overrides(cfg: RunConfig, **kw) -> RunConfig:
-    return replace(cfg, **kw)

@@ -48,6 +48,7 @@ class StudyConfig:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     families: dict = field(default_factory=dict)   # name -> file, filled by load_families
+    family_sets: dict = field(default_factory=dict)  # file -> its share of `sets`, likewise
 
 
 class TrialFailed(Exception):
@@ -73,9 +74,9 @@ def family_sets(files: list[str], sets) -> dict[str, tuple]:
 
 def load_families(cfg: StudyConfig) -> dict[str, graphs.Graph]:
     fams = {}
-    sets = family_sets(cfg.files, cfg.sets)
+    cfg.family_sets.update(family_sets(cfg.files, cfg.sets))
     for f in cfg.files:
-        g = graphs.load(f, cfg.size, sets[f])
+        g = graphs.load(f, cfg.size, cfg.family_sets[f])
         if g.name in fams:
             raise ValueError(f"two graph files are named {g.name!r}")
         fams[g.name] = g
@@ -151,7 +152,7 @@ class Objective:
         self.multi = bool(cfg.also)
 
     def __call__(self, trial: optuna.Trial):
-        cfg, study = self.cfg, trial.study
+        study = trial.study
         started = time.time()
         trial.set_user_attr("started", started)
         trial.set_user_attr("pid", os.getpid())
@@ -191,8 +192,7 @@ class Objective:
         torch._dynamo.reset()  # a fresh compilation state per trial: no silent eager fallback
         budget = None if cfg.trial_budget_s is None else min(cfg.trial_budget_s, remaining)
         run = RunConfig(graph=cfg.families[fam], size=cfg.size,
-                        sets=family_sets(list(cfg.families.values()), cfg.sets)[cfg.families[fam]],
-                        params=params,
+                        sets=cfg.family_sets[cfg.families[fam]], params=params,
                         budget_s=budget, max_tokens=cfg.trial_tokens, data=cfg.data, seed=0,
                         evals=cfg.evals, eval_bytes=cfg.eval_bytes, device=cfg.device,
                         experiment=cfg.experiment, run_name=f"{cfg.study}-trial-{trial.number}",

@@ -12,13 +12,12 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from graphs.compile import compile_model
 from search import checkpoint
-from search.dist import Dist, barrier, broadcast_flag
+from search.dist import barrier, broadcast_flag
 from search.evaluate import evaluate
 from search.perf import mfu
 from search.schedule import lr_at
