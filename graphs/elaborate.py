@@ -11,7 +11,7 @@ import hashlib
 import keyword
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
@@ -333,7 +333,14 @@ class _Elaborator:
         outer = sorted({n for bid in body for n, _ in self._refs_of(body[bid], path + ("body", bid))
                         if n not in body and n != "stream"})
         layers = []
+        uniform = _layer_free(body)
         for i in range(count):
+            if uniform and i > 0:  # every layer elaborates alike: reuse layer 0's, re-indexed
+                steps = [replace(s, ctx=replace(s.ctx, layer=i)) for s in layers[0]]
+                for st in steps:
+                    self.kinds[f"{st.id}@{i}"] = st.out_kinds
+                layers.append(steps)
+                continue
             env = dict(self.vars, layer=i)
             self.kinds["stream"] = (carry,)
             local = {}
@@ -399,6 +406,25 @@ class _Elaborator:
                 if f.ref and target is not None and target not in top:
                     raise self.loc.error(f"'{target}' is not a top-level node"
                                          f"{did_you_mean(target, top)}", s.path + (f.name,))
+
+
+def _layer_free(body: dict) -> bool:
+    """True when no value of the body mentions `layer` and no edge reads another layer, so
+    every layer of the group elaborates to the same configs (checked once, not count times)."""
+    def free(v) -> bool:
+        if isinstance(v, dict):
+            return all(free(x) for x in v.values())
+        if isinstance(v, list):
+            return all(free(x) for x in v)
+        if isinstance(v, str):
+            if "@" in v:
+                return False
+            try:
+                return "layer" not in names_in(v)
+            except ExprError:
+                return False  # let the full per-layer pass report it
+        return True
+    return free(body)
 
 
 def elaborate(graph: Graph) -> Plan:

@@ -195,3 +195,17 @@ def test_gpt2_is_124m_parameters():
     L, d, T = 12, 768, 1024
     n_matmul = L * (4 * d * d + 8 * d * d) + 50304 * d
     assert r.cost.flops_per_token == pytest.approx(6 * n_matmul + 12 * L * d * T, rel=1e-6)
+
+
+def test_layers_differ_only_where_the_body_uses_the_layer_index():
+    uniform = graphs.elaborate(graphs.loads(BASE).resolve())
+    (group,) = [it for it in uniform.items if hasattr(it, "layers")]
+    assert [s.ctx.layer for layer in group.layers for s in layer][::3] == [0, 1, 2]
+    assert len({s.cfg for layer in group.layers for s in layer if s.id == "attn"}) == 1
+    varying = graphs.elaborate(graphs.loads(BASE.replace(
+        "attn: {type: attention, in: n1, heads: n_head}",
+        "attn: {type: attention, in: n1, heads: n_head, proj_std: '0.01 * (layer + 1)'}")).resolve())
+    (group,) = [it for it in varying.items if hasattr(it, "layers")]
+    stds = [s.cfg.proj_std for layer in group.layers for s in layer if s.id == "attn"]
+    assert stds == pytest.approx([0.01, 0.02, 0.03])
+    assert uniform.hash != varying.hash
