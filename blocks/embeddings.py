@@ -29,6 +29,7 @@ class Embedding(Block):
     type_name, family = "embedding", "embeddings"
     example = ({"vocab": 50, "dim": 16}, [tokens(50)])  # for the registry's smoke test
     inputs = ("ids",)
+    lookup_table = True
 
     @dataclass(frozen=True)
     class Config:
@@ -65,6 +66,7 @@ class PositionEmbedding(Block):
     type_name, family = "position_embedding", "embeddings"
     example = ({"max_seq": 8, "dim": 16}, [tokens(50)])  # for the registry's smoke test
     inputs = ("ids",)
+    lookup_table = True
 
     @dataclass(frozen=True)
     class Config:

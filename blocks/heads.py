@@ -77,5 +77,6 @@ class CrossEntropy(Block):
         return (LOSS,)
 
     def forward(self, lg, targets):
-        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1),
+        lg = lg if lg.dtype == torch.float64 else lg.float()   # fp32 at least (fp64 in parity tests)
+        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1),
                                ignore_index=self.cfg.ignore_index)

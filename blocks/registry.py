@@ -82,7 +82,8 @@ class Block(nn.Module):
 
     Subclasses set `type_name`, `family`, a frozen dataclass `Config`, `inputs` (port names,
     for docs), `outputs` (first is the default), implement `infer` (input kinds -> output
-    kinds) and `forward`, and may override `init_weights`, `no_decay` and `after_step`.
+    kinds) and `forward`, and may override `init_weights`, `no_decay` and `after_step`, and
+    declare `recipe_rules` that the graph's `training:` section must honour.
     """
 
     type_name: ClassVar[str]
@@ -91,6 +92,8 @@ class Block(nn.Module):
     inputs: ClassVar[tuple[str, ...]] = ("x",)
     outputs: ClassVar[tuple[str, ...]] = ("out",)
     has_after_step: ClassVar[bool] = False
+    lookup_table: ClassVar[bool] = False  # `weight` is looked up by id (not counted as compute)
+    recipe_rules: ClassVar[dict] = {}   # training-recipe values the block needs, e.g. {"warmup": 0.0}
     example: ClassVar[tuple[dict, list[Kind]]]   # (params, input kinds) for the smoke test
 
     def __init__(self, cfg, ins: list[Kind], ctx: Context):

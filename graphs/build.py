@@ -198,10 +198,9 @@ class GraphModel(nn.Module):
         """Unique parameters; non_embedding leaves out lookup tables unless tied to a head."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            from blocks.embeddings import Embedding, PositionEmbedding
             tied = {id(m.weight) for _, m in self.blocks() if getattr(m.cfg, "tie", None)}
             for _, m in self.blocks():
-                if isinstance(m, (Embedding, PositionEmbedding)) and id(m.weight) not in tied:
+                if m.lookup_table and id(m.weight) not in tied:
                     total -= m.weight.numel()
         return total
 

@@ -101,6 +101,11 @@ index, e.g. `proj_std: 0.02 / sqrt(2 * n_layer)` or `window: if(layer % 2 == 0, 
 Integer parameters must evaluate to integers. Note that YAML reads `1e-5` as a string: it is then
 evaluated as an expression, which gives the number.
 
+A variable may also hold a boolean or a word (a bare name that is not another variable), and a
+boolean or word parameter may name a variable instead of a literal. One search knob then drives
+many nodes: `renorm: {{choice: [true, false]}}` in `vars` and `renorm: renorm` on every block
+(see graphs/ngpt.yaml).
+
 ## Nodes and edges
 
 ```yaml

@@ -112,8 +112,12 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def eval_vars(raw: dict, loc: Locator) -> dict:
-    """Evaluate variables in dependency order (any order in the file); report cycles."""
+    """Evaluate variables in dependency order (any order in the file); report cycles. A bare
+    name that is not another variable is a word; booleans and words feed non-numeric fields."""
     out: dict = {}
     visiting: list[str] = []
 
@@ -124,7 +128,13 @@ def eval_vars(raw: dict, loc: Locator) -> dict:
             cycle = " -> ".join(visiting[visiting.index(name):] + [name])
             raise loc.error(f"variables refer to each other in a cycle: {cycle}", ("vars", name))
         v = raw[name]
-        if isinstance(v, str):
+        if isinstance(v, str) and WORD.match(v) and v not in raw:
+            pass  # a word (e.g. `out_axis: width`), for string fields with choices
+        elif isinstance(v, str) and WORD.match(v):
+            visiting.append(name)
+            v = get(v)  # an alias of another variable, which may hold a word or a boolean
+            visiting.pop()
+        elif isinstance(v, str):
             visiting.append(name)
             try:
                 for dep in names_in(v):
@@ -134,8 +144,9 @@ def eval_vars(raw: dict, loc: Locator) -> dict:
             except ExprError as e:
                 raise loc.error(f"in expression {raw[name]!r}: {e}", ("vars", name))
             visiting.pop()
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise loc.error(f"a variable must be a number or an expression, got {v!r}", ("vars", name))
+        elif not isinstance(v, (bool, int, float)):
+            raise loc.error(f"a variable must be a number, a boolean, a word or an expression, "
+                            f"got {v!r}", ("vars", name))
         out[name] = v
         return v
 
@@ -178,6 +189,7 @@ class _Elaborator:
                                ("training",), skip=())
         plan = Plan(self.data["name"], self.input, self.vars, items, outputs, training, self.loc)
         self._ties(plan)
+        self._recipe_rules(plan)
         return plan
 
     # ----- names and order
@@ -406,6 +418,16 @@ class _Elaborator:
                 if f.ref and target is not None and target not in top:
                     raise self.loc.error(f"'{target}' is not a top-level node"
                                          f"{did_you_mean(target, top)}", s.path + (f.name,))
+
+
+    def _recipe_rules(self, plan: Plan) -> None:
+        """Blocks may need a recipe (nGPT: no warmup); refuse a `training:` that contradicts it."""
+        for _, _, s in plan.steps():
+            for key, want in s.block.recipe_rules.items():
+                got = getattr(plan.training, key)
+                if got != want:
+                    raise self.loc.error(f"{s.block.type_name} (node '{s.id}') needs training.{key} = "
+                                         f"{want}, the recipe has {got}", ("training", key))
 
 
 def _layer_free(body: dict) -> bool:

@@ -19,13 +19,14 @@ ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
 REF = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?(@.+)?$"
 EXPR = {"$ref": "#/$defs/expr"}
 MARKER = {"$ref": "#/$defs/marker"}
+VAR = {"type": "string", "pattern": ID, "description": "the name of a variable"}
 
 
 def _field(f: FieldInfo) -> dict:
     if f.ref:
         base = [{"type": "string", "pattern": ID}]
     elif f.type is bool:
-        base = [{"type": "boolean"}]
+        base = [{"type": "boolean"}, VAR]
     elif f.type in (int, float):
         num = {"type": "integer" if f.type is int else "number"}
         if f.min is not None:
@@ -34,7 +35,7 @@ def _field(f: FieldInfo) -> dict:
             num["maximum"] = f.max
         base = [num, EXPR]
     elif f.choices:
-        base = [{"enum": list(f.choices)}]
+        base = [{"enum": list(f.choices)}, VAR]
     else:
         base = [{"type": "string"}]
     if f.optional:
@@ -96,7 +97,7 @@ def _group() -> dict:
 
 @functools.cache
 def schema() -> dict:
-    value = {"anyOf": [{"type": "number"}, EXPR, MARKER]}
+    value = {"anyOf": [{"type": "number"}, {"type": "boolean"}, EXPR, MARKER]}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://example.invalid/playground/graph.schema.json",

@@ -1,7 +1,8 @@
 """Turns the YAML mapping of a block (or the training section) into its typed Config.
 
 Numbers may be written as expressions over the graph's variables (and `layer` inside a repeat
-group); each field's type and bounds, declared by the block, are enforced here.
+group), and a boolean or word field may name a variable; each field's type and bounds, declared
+by the block, are enforced here.
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ def convert(f: FieldInfo, v, env, loc: Locator, path):
         raise loc.error(f"'{f.name}' cannot be null", path)
     if f.type in (int, float):
         return _number(f, v, env, loc, path)
+    if isinstance(v, str) and v in env and not f.ref:
+        v = env[v]  # a boolean or word field may name a variable (one search knob for many nodes)
     if f.type is bool:
         if not isinstance(v, bool):
-            raise loc.error(f"expected true or false, got {v!r}", path)
+            raise loc.error(f"expected true or false (or a variable holding one), got {v!r}", path)
         return v
     if not isinstance(v, str):
         raise loc.error(f"expected a string, got {type(v).__name__}", path)

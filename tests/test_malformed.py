@@ -148,7 +148,7 @@ CASES = [
          "missing required 'heads'", "attn:"),
     Case("string-for-bool", edit(("ln_2: {type: layernorm, in: r1}",
                                   "ln_2: {type: layernorm, in: r1, bias: 'yes'}")),
-         "expected boolean", "bias: 'yes'"),
+         "expected true or false", "bias: 'yes'"),
     Case("bool-for-int", edit(("heads: n_head", "heads: true")), "heads", "heads: true"),
     Case("out-of-bounds-literal", edit(("lr: 0.0006", "lr: 50")), "out of bounds", "lr: 50"),
     Case("out-of-bounds-expression", edit(("hidden: 4 * d_model", "hidden: 100000 * d_model")),
