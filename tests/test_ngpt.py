@@ -32,13 +32,14 @@ def axes(m: graphs.GraphModel, out_axis: int = 0) -> dict[str, int]:
     hand (the wrong axis is the classic nGPT bug): rows of the [n, d] tables and input
     projections, columns (dim 0, the d axis) of the [d, in] output projections."""
     want = {"tok.weight": 1, "head.weight": 1}
-    for i in range(L):
+    for i in range(len(m.layers)):
         want |= {f"layers.{i}.attn.qkv.weight": 1, f"layers.{i}.attn.proj.weight": out_axis,
                  f"layers.{i}.mlp.fc.weight": 1, f"layers.{i}.mlp.proj.weight": out_axis}
-    shapes = dict(m.named_parameters())
-    assert shapes["layers.0.attn.proj.weight"].shape == (D, D)
-    assert shapes["layers.0.mlp.proj.weight"].shape == (D, D_FF)   # [d, in]: dim 0 is d
-    assert shapes["layers.0.mlp.fc.weight"].shape == (2 * D_FF, D)
+    p, d = dict(m.named_parameters()), m.tok.weight.shape[1]
+    d_ff = p["layers.0.mlp.proj.weight"].shape[1]
+    assert p["layers.0.attn.proj.weight"].shape == (d, d)
+    assert p["layers.0.mlp.proj.weight"].shape == (d, d_ff)   # [d, in]: dim 0 is d
+    assert p["layers.0.mlp.fc.weight"].shape == (2 * d_ff, d)
     return want
 
 
@@ -256,3 +257,38 @@ def test_the_trainer_renormalises_after_every_step(tmp_path):
     for name, axis in axes(model()).items():   # the same names and axes at any vocabulary size
         norms = sd[name].double().norm(dim=axis)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), name
+
+
+@pytest.mark.gpu
+def test_compiled_bf16_stays_on_the_sphere_and_close_to_fp32():
+    """Under torch.compile and bf16 autocast the chained L2 normalisations must not compound
+    (pytorch#168126): the blocks normalise in fp32 and keep the residual stream in fp32."""
+    from graphs.compile import compile_model
+    dev = torch.device("cuda")
+    sets = ["d_model=256", "n_layer=12", "n_head=4", "seq_len=256"]
+    eager = model(sets=sets).to(dev)
+    comp = model(sets=sets).to(dev)
+    comp.load_state_dict(eager.state_dict())
+    compiled = compile_model(comp, "regional", dynamic=False)
+    opt = torch.optim.AdamW(comp.param_groups(0.0), lr=3e-3, fused=True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for _ in range(5):
+        idx = torch.randint(0, V, (4, 257), generator=g).to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        comp.after_step()
+    assert torch.isfinite(loss)
+    assert_on_sphere(comp)
+    eager.load_state_dict(comp.state_dict())
+    idx = torch.randint(0, V, (4, 256), generator=g).to(dev)
+    with torch.no_grad():
+        want, _ = eager(idx)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, _ = compiled(idx)
+    assert got.dtype == torch.float32
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 2e-2, rel          # bf16 matmuls; compounding over 24 residual updates would be O(1)
+    assert (got.abs() <= comp.head.s_z().abs() * 1.02).all()   # |cos| <= 1 up to bf16 rounding
