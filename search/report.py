@@ -1,6 +1,8 @@
-"""The end of a study: the summary table, the best graph as a concrete YAML file, seeds.
+"""The end of a study: the summary table, the Pareto front, the best graph as a concrete YAML
+file, and the seed check.
 
-`reseed` re-trains the best trials and the baseline with K seeds and says whether the winner
+`reseed` re-trains the best trials and the baseline with seeds 1..K (the search trained every
+trial with seed 0, so the winner's own lucky draw is not counted) and says whether the winner
 beats the baseline beyond noise: by more than twice the standard error of the difference of
 the means (an approximate 95% test; with K < 3 the answer is 'not enough seeds').
 """
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -24,6 +28,27 @@ def _short(params: dict, width: int = 48) -> str:
     text = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in params.items() if k != "graph")
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _distinct(trials) -> list:
+    """One trial per concrete graph, best first objective first, earliest first on ties: a
+    duplicate trial returns its twin's values, so it would otherwise appear twice."""
+    seen, out = set(), []
+    for t in sorted(trials, key=lambda t: (t.values[0], t.number)):
+        h = t.user_attrs.get("graph_hash", t.number)
+        if h not in seen:
+            seen.add(h)
+            out.append(t)
+    return out
+
+
+def front(study) -> list:
+    """The Pareto front (with one objective: the best value), one trial per graph, ordered by the
+    first objective; front(study)[0] is the best graph. Optuna's best_trials lists ties (and so
+    duplicates) as several trials even with one objective."""
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return []
+    return _distinct(study.best_trials)
 
 
 def rows(study) -> list[dict]:
@@ -44,7 +69,7 @@ def rows(study) -> list[dict]:
 
 def summary(cfg: StudyConfig, study) -> str:
     rs = rows(study)
-    best = {t.number for t in study.best_trials} if any(r["state"] == "COMPLETE" for r in rs) else set()
+    best = {t.number for t in front(study)}
     head = f"{'trial':>5}  {'status':<10} {'graph':<8} {'hash':<8}  {cfg.objective:>8}  {'tok/s':>9}  " \
            f"{'device':>7}  params / note"
     lines = [f"study {cfg.study}: {len(rs)} trials", head, "-" * len(head)]
@@ -63,18 +88,59 @@ def summary(cfg: StudyConfig, study) -> str:
     lines.append(f"* best{' (Pareto front)' if cfg.also else ''}, b baseline; device time used "
                  f"{used:.0f}s of {cfg.budget_s:.0f}s, {100 * trained / max(used, 1e-9):.0f}% of it in "
                  f"training steps; {rate:.0f} trials per device-hour")
+    if cfg.also and best:
+        lines += ["", *front_table(cfg, study)]
+    if "seeds" in study.user_attrs:
+        lines += ["", seed_report(study.user_attrs["seeds"])]
     return "\n".join(lines)
 
 
-def best_graph_yaml(cfg: StudyConfig, trial) -> str:
-    fam = trial.user_attrs["graph"]
+def _fmt(name: str, v: float) -> str:
+    return f"{v:.4f}" if name in ("val_bpb", "val_loss") else f"{v:,.0f}"  # params, tok_s
+
+
+def front_table(cfg: StudyConfig, study) -> list[str]:
+    names = [cfg.objective, *cfg.also]
+    ts = front(study)
+    lines = [(f"Pareto front of {', '.join(names)} ({len(ts)} graphs); best.yaml is trial "
+              f"{ts[0].number}, the lowest {cfg.objective} on the front"),
+             f"{'trial':>5}  " + "  ".join(f"{n:>12}" for n in names)]
+    for t in ts:
+        vals = "  ".join(f"{_fmt(n, v):>12}" for n, v in zip(names, t.values))
+        lines.append(f"{t.number:>5}  {vals}")
+    return lines
+
+
+def _graph_params(cfg: StudyConfig, trial) -> tuple[str, dict]:
+    """The graph file and marker values of a trial (family prefixes dropped)."""
     multi = len(cfg.families) > 1
     params = {k.split(":", 1)[1] if multi else k: v for k, v in trial.params.items() if k != "graph"}
-    f = cfg.families[fam]
+    return cfg.families[trial.user_attrs["graph"]], params
+
+
+def best_graph_yaml(cfg: StudyConfig, trial) -> str:
+    f, params = _graph_params(cfg, trial)
     g = graphs.load(f, cfg.size, cfg.family_sets[f]).resolve(params)
-    header = (f"# best graph of study {cfg.study}: trial {trial.number}, {cfg.objective} "
-              f"{_value(trial):.4f}, graph hash {trial.user_attrs.get('graph_hash')}\n")
+    values = ", ".join(f"{n} {_fmt(n, v)}" for n, v in zip([cfg.objective, *cfg.also], trial.values))
+    header = (f"# best graph of study {cfg.study}: trial {trial.number}, {values}, "
+              f"graph hash {trial.user_attrs.get('graph_hash')}\n")
     return header + yaml.safe_dump(g.data, sort_keys=False)
+
+
+def write_best(cfg: StudyConfig, study, out: Path) -> list[Path]:
+    """best.yaml is the front's lowest first objective; with several objectives every other
+    graph on the front is written as front-trial-N.yaml beside it."""
+    ts = front(study)
+    written = []
+    for i, t in enumerate(ts if cfg.also else ts[:1]):
+        path = out / ("best.yaml" if i == 0 else f"front-trial-{t.number}.yaml")
+        path.write_text(best_graph_yaml(cfg, t))
+        written.append(path)
+    if written:
+        why = f"the lowest {cfg.objective} on the Pareto front" if cfg.also else f"the lowest {cfg.objective}"
+        more = f"; the rest of the front: {', '.join(map(str, written[1:]))}" if written[1:] else ""
+        print(f"best graph: {written[0]} (trial {ts[0].number}, {why}){more}")
+    return written
 
 
 def finish(cfg: StudyConfig, study, parent=None) -> Path:
@@ -82,81 +148,107 @@ def finish(cfg: StudyConfig, study, parent=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     text = summary(cfg, study)
     (out / "summary.txt").write_text(text + "\n")
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    written = []
-    if complete:
-        for i, t in enumerate(study.best_trials):
-            path = out / ("best.yaml" if len(study.best_trials) == 1 else f"best-{i}.yaml")
-            path.write_text(best_graph_yaml(cfg, t))
-            written.append(path)
-        print(f"best graph: {', '.join(map(str, written))}")
+    written = write_best(cfg, study, out)
     if parent is not None:
         parent.log_text(text, "summary.txt")
         for p in written:
             parent.log_artifact(str(p))
-        if complete and not cfg.also:
-            parent.log_metrics({"best/" + cfg.objective: study.best_value,
-                                "trials/complete": len(complete),
-                                "trials/total": len(study.get_trials(deepcopy=False))}, 0)
+        if written:
+            trials = study.get_trials(deepcopy=False)
+            parent.log_metrics({"best/" + cfg.objective: _value(front(study)[0]),
+                                "trials/complete": sum(t.state.name == "COMPLETE" for t in trials),
+                                "trials/total": len(trials)}, 0)
         parent.end("completed")
     return out
 
 
-def reseed(cfg: StudyConfig, study, top: int = 2) -> dict:
-    """Train the top trials and the baseline again with seeds 1..K; report mean and spread."""
+def _chosen(study, top: int) -> tuple[list, list]:
+    """The `top` distinct graphs by the first objective plus every family's baseline (also when
+    the search pruned it: the comparison needs it); and which of those are baselines."""
+    trials = study.get_trials(deepcopy=False)
+    best = _distinct([t for t in trials if t.state.name == "COMPLETE"])[:top]
+    hashes = {t.user_attrs.get("graph_hash") for t in best}
+    base = [t for t in trials if t.user_attrs.get("baseline") and "graph" in t.user_attrs
+            and t.state.name in ("COMPLETE", "PRUNED")]
+    chosen = best + [t for t in base if t.user_attrs.get("graph_hash") not in hashes]
+    base_hashes = {t.user_attrs.get("graph_hash") for t in base}  # a later twin stands for it
+    return chosen, [t for t in chosen if t.user_attrs.get("graph_hash") in base_hashes]
+
+
+def _seed_run(cfg: StudyConfig, trial, seed: int) -> float | None:
+    """Train a trial's graph as the search did (same budget and data), with another seed."""
+    import torch
+
     from search.setup import RunConfig
     from search.train import run_training
-    complete = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
-                      key=_value)
-    if not complete:
+    f, params = _graph_params(cfg, trial)
+    torch._dynamo.reset()  # as for each trial: a fresh compilation state, no silent eager fallback
+    name = f"trial-{trial.number}-seed-{seed}"
+    run = RunConfig(graph=f, size=cfg.size, sets=cfg.family_sets[f], params=params,
+                    budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens, data=cfg.data, seed=seed,
+                    evals=1, eval_bytes=cfg.eval_bytes, device=cfg.device, experiment=cfg.experiment,
+                    progress=False, checkpoint=False,  # a seed run is measured, never resumed
+                    run_name=f"{cfg.study}-{name}", parent_run_id=cfg.parent_run_id,
+                    tracking_uri=cfg.tracking_uri, out=f"runs/{cfg.study}/{name}",
+                    tags={"optuna.study": cfg.study, "optuna.trial": str(trial.number),
+                          "seed": str(seed), "kind": "seed"})
+    try:
+        r = run_training(run)
+    except Exception as e:  # noqa: BLE001 - contained like a failed trial: other seeds still count
+        print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    if r.status != "completed" or r.val_bpb is None:
+        return None
+    return r.val_bpb if cfg.objective == "val_bpb" else r.val_loss
+
+
+def reseed(cfg: StudyConfig, study, top: int = 2) -> dict:
+    """Train the top trials and the baseline again with seeds 1..K; the results go to the
+    study's user attribute `seeds`, which the summary reports (mean, spread, n, verdict)."""
+    chosen, base = _chosen(study, top)
+    if not chosen:
         return {}
-    chosen = complete[:top] + [t for t in complete if t.user_attrs.get("baseline") and t not in complete[:top]]
-    results = {}
-    for t in chosen:
-        fam = t.user_attrs["graph"]
-        multi = len(cfg.families) > 1
-        params = {k.split(":", 1)[1] if multi else k: v for k, v in t.params.items() if k != "graph"}
-        vals = []
-        for seed in range(1, cfg.seeds + 1):
-            f = cfg.families[fam]
-            r = run_training(RunConfig(graph=f, size=cfg.size,
-                                       sets=cfg.family_sets[f],
-                                       params=params, budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens,
-                                       data=cfg.data, seed=seed, evals=1, eval_bytes=cfg.eval_bytes,
-                                       device=cfg.device, experiment=cfg.experiment, progress=False,
-                                       run_name=f"{cfg.study}-trial-{t.number}-seed-{seed}",
-                                       parent_run_id=cfg.parent_run_id, tracking_uri=cfg.tracking_uri,
-                                       out=f"runs/{cfg.study}/trial-{t.number}-seed-{seed}",
-                                       tags={"optuna.study": cfg.study, "optuna.trial": str(t.number),
-                                             "seed": str(seed)}))
-            if r.val_bpb is not None:
-                vals.append(r.val_bpb if cfg.objective == "val_bpb" else r.val_loss)
-        results[t.number] = vals
-        study.set_user_attr(f"seeds_{t.number}", vals)
-    print(seed_report(results, [t.number for t in chosen if t.user_attrs.get("baseline")]))
-    return results
+    started = time.time()
+    results = {str(t.number): [v for seed in range(1, cfg.seeds + 1)
+                               if (v := _seed_run(cfg, t, seed)) is not None] for t in chosen}
+    record = {"objective": cfg.objective, "seeds": list(range(1, cfg.seeds + 1)), "results": results,
+              "baselines": [str(t.number) for t in base], "device_s": time.time() - started}
+    study.set_user_attr("seeds", record)
+    return record
 
 
-def seed_report(results: dict, baselines: list) -> str:
-    lines = ["seeds: trial  mean  std  n"]
+def seed_report(record: dict) -> str:
+    """Mean, spread (sample standard deviation) and n per re-seeded trial, then the verdict."""
+    results, baselines = record["results"], record["baselines"]
+    lines = [(f"seeds {record['seeds'][0]}..{record['seeds'][-1]} ({record['objective']}; "
+              f"{record['device_s']:.0f}s of device time beyond the study budget)"),
+             f"{'trial':>7}  {'mean':>8}  {'± sd':>8}  {'n':>2}"]
     stats = {}
     for n, vals in results.items():
-        if vals:
-            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            stats[n] = (statistics.mean(vals), sd, len(vals))
-            lines.append(f"       {n:>5}  {stats[n][0]:.4f}  {sd:.4f}  {len(vals)}")
-    if baselines and stats:
-        b = baselines[0]
-        win = min(stats, key=lambda k: stats[k][0])
-        if win == b or b not in stats:
-            lines.append("the baseline is the best configuration")
-        else:
-            (mw, sw, nw), (mb, sb, nb) = stats[win], stats[b]
-            if min(nw, nb) < 3:
-                lines.append(f"trial {win} vs baseline {b}: not enough seeds to judge (need >= 3)")
-            else:
-                se = math.sqrt(sw ** 2 / nw + sb ** 2 / nb)
-                verdict = "beats" if mb - mw > 2 * se else "does not beat"
-                lines.append(f"trial {win} {verdict} the baseline beyond noise: {mw:.4f} vs {mb:.4f} "
-                             f"(difference {mb - mw:.4f}, 2 x s.e. {2 * se:.4f})")
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        stats[n] = (statistics.mean(vals), sd, len(vals)) if vals else None
+        mark = " b" if n in baselines else "  "
+        mean = f"{stats[n][0]:.4f}" if vals else "-"
+        spread = f"{sd:.4f}" if len(vals) > 1 else "-"
+        lines.append(f"{n:>5}{mark}  {mean:>8}  {spread:>8}  {len(vals):>2}" +
+                     ("" if vals else "  (every seed failed)"))
+    lines.append("verdict: " + _verdict({n: s for n, s in stats.items() if s}, baselines))
     return "\n".join(lines)
+
+
+def _verdict(stats: dict, baselines: list) -> str:
+    base = [b for b in baselines if b in stats]
+    if not base or not stats:
+        return "no baseline result to compare with"
+    b = min(base, key=lambda k: stats[k][0])      # the strongest baseline when there are several
+    win = min(stats, key=lambda k: stats[k][0])
+    if win in baselines:
+        return f"no trial beats the baseline (trial {win} has the lowest mean)"
+    (mw, sw, nw), (mb, sb, nb) = stats[win], stats[b]
+    if min(nw, nb) < 3:
+        return (f"trial {win} {mw:.4f} vs baseline {b} {mb:.4f}: not enough seeds to judge "
+                f"(need >= 3 each)")
+    se = math.sqrt(sw ** 2 / nw + sb ** 2 / nb)
+    word = "beats" if mb - mw > 2 * se else "does not beat"
+    return (f"trial {win} {word} the baseline beyond noise: {mw:.4f} vs {mb:.4f} "
+            f"(difference {mb - mw:.4f}, 2 x s.e. {2 * se:.4f})")

@@ -61,12 +61,25 @@ def open_study(cfg: StudyConfig, fams: dict):
                                 directions=directions, pruner=pruner(cfg.pruner),
                                 sampler=optuna.samplers.TPESampler(seed=0, group=True,
                                                                    multivariate=True))
+    check_objectives(study, [cfg.objective, *cfg.also])
     if not study.get_trials(deepcopy=False):
         for params in baseline_params(fams):
             study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
         study.set_user_attr("budget_s", cfg.budget_s)
         study.set_user_attr("files", cfg.files)
     return study
+
+
+def check_objectives(study, objectives: list[str]) -> None:
+    """A resumed study keeps its objectives: Optuna loads a stored study whatever directions are
+    asked for, and would then fail every trial whose number of values differs, after training."""
+    known = study.user_attrs.get("objectives")
+    if known is None and len(study.directions) == len(objectives):  # new, or stored before this check
+        study.set_user_attr("objectives", objectives)
+    elif known != objectives:
+        had = ", ".join(known) if known else f"{len(study.directions)} objective(s)"
+        raise ValueError(f"study {study.study_name} optimises {had}, not {', '.join(objectives)}; "
+                         f"name a new study with --study")
 
 
 def parent_run(cfg: StudyConfig, study) -> str | None:
