@@ -4,8 +4,9 @@ The architecture search. Optuna samples graph variants from the YAML markers (se
 family is a choice too), trains each for an equal slice of device time, prunes poor trials by
 successive halving, and tracks one MLflow parent run per study with a child run per trial. The
 unmodified graphs are enqueued first, so every study contains its baseline. Re-running the same
-command resumes the study. With no FILE: the default study of graphs/ngpt.yaml (graphs/gpt2.yaml
-until nGPT lands) at `tiny` size, sized to finish in about 5 minutes on a 2-core CPU.
+command resumes the study. With no FILE: the default study of graphs/ngpt.yaml at `tiny` size
+(its markers: width, depth, alpha and s_qk init, learning rate, and the paper's ambiguities),
+sized to finish in about 5 minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--set", action="append", default=[], metavar="K=V", dest="sets")
     ap.add_argument("--budget", default=None, help="device time of the whole study (default 4m "
                                                    "for the default study, else 1h)")
-    ap.add_argument("--trial-budget", default=None, help="training time per trial (default 25s "
+    ap.add_argument("--trial-budget", default=None, help="training time per trial (default 20s "
                                                          "for the default study, else 5m)")
     ap.add_argument("--trial-tokens", help="train each trial on this many tokens instead of a time")
     ap.add_argument("--trials", type=int, help="stop after this many finished trials")
@@ -160,7 +161,8 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--pruner", default="sh", choices=["sh", "hyperband", "median", "wilcoxon", "none"])
     ap.add_argument("--max-params", type=parse_count, help="pre-flight cap on parameters")
     ap.add_argument("--experiment", default="playground")
-    ap.add_argument("--evals", type=int, default=4, help="evaluations (pruning rungs) per trial")
+    ap.add_argument("--evals", type=int, default=None, help="evaluations (pruning rungs) per trial "
+                    "(default 3 for the default study, else 4)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--heartbeat", type=int, default=10, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -169,7 +171,7 @@ def parse_args(argv=None) -> StudyConfig:
     size = a.size or ("tiny" if default_study else None)
     budget = parse_duration(a.budget or ("4m" if default_study else "1h"))
     trial_budget = None if a.trial_tokens and not a.trial_budget else \
-        parse_duration(a.trial_budget or ("25s" if default_study else "5m"))
+        parse_duration(a.trial_budget or ("20s" if default_study else "5m"))
     names = "+".join(Path(f).stem for f in files)
     study = a.study or f"{names}-{size or 'default'}"
     return StudyConfig(files=[str(f) for f in files], study=study,
@@ -178,7 +180,7 @@ def parse_args(argv=None) -> StudyConfig:
                        trial_tokens=parse_count(a.trial_tokens) if a.trial_tokens else None,
                        trials=a.trials, objective=a.objective, also=tuple(a.also), workers=a.workers,
                        seeds=a.seeds, data=a.data, pruner=a.pruner, max_params=a.max_params,
-                       experiment=a.experiment, device=a.device, evals=a.evals,
+                       experiment=a.experiment, device=a.device, evals=a.evals or (3 if default_study else 4),
                        eval_bytes=8192 if default_study else None, heartbeat_s=a.heartbeat)
 
 
