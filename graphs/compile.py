@@ -5,21 +5,56 @@ share one compiled graph (PyTorch inlines built-in nn.Modules and treats their p
 inputs), so a 12-layer stack compiles like one layer. Each run of nodes between groups (the
 embeddings; the final norm, head and loss) is compiled as one region, so the loss fuses with the
 head as it does in a whole-model compile. `full`: one `torch.compile` of the whole model
-(slower to compile, can fuse across node boundaries). `auto` = regional when the graph has repeat
-groups, full otherwise.
+(slower to compile, can fuse across node boundaries). `nested` (experimental): one
+`torch.compile` of the whole model with every repeat-group layer marked as a
+`torch.compiler.nested_compile_region`, so Dynamo traces a layer once and stamps it out for the
+others (hierarchical compilation) while the rest still fuses in one graph. `auto` = regional when
+the graph has repeat groups, full otherwise.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
-from graphs.build import GraphModel
+from graphs.build import GraphModel, Layer
 
-MODES = ("auto", "regional", "full", "none")
+MODES = ("auto", "regional", "full", "nested", "none")
+
+
+class NestedLayer(Layer):
+    """A Layer whose forward is a nested compile region (see `_nested`)."""
+
+
+def _nested(model: GraphModel, groups: list, options: dict) -> nn.Module:
+    """Mark the layers' class, not each instance: Dynamo reuses a region by its function's code,
+    and a marked bound method per instance gave a loss unlike eager's on torch 2.13."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    if region is None:
+        raise ValueError(f"compile mode 'nested' needs torch.compiler.nested_compile_region, "
+                         f"which torch {torch.__version__} lacks; use another mode or a newer torch")
+    if "forward" not in NestedLayer.__dict__:
+        # layers whose bodies differ (layer-dependent values) are separate reuse entries, and
+        # torch 2.13 raises past max_reuse_entries (default 8); torch 2.11 takes no such argument
+        kw = {"max_reuse_entries": 256} if "max_reuse_entries" in inspect.signature(region).parameters else {}
+        NestedLayer.forward = region(Layer.forward, **kw)
+    for group in groups:
+        for layer in group:
+            if type(layer) not in (Layer, NestedLayer):  # a subclass would lose its overrides
+                raise ValueError(f"compile mode 'nested' expects graph layers, not {type(layer).__name__}")
+            layer.__class__ = NestedLayer
+    if options.get("backend", "inductor") == "inductor" and "mode" not in options:
+        # Inductor's buffer reuse corrupts a reused region's gradients (torch 2.13 on CPU: every
+        # layer's but the last wrong, the loss right; not seen on CUDA with 2.11; much like
+        # pytorch#192840 / #193960), so it is off for this compile only (torch.compile takes
+        # options or a mode, not both)
+        options = {**options, "options": {"allow_buffer_reuse": False, **options.get("options", {})}}
+    return torch.compile(model, **options)
 
 
 def compile_model(model: GraphModel, mode: str = "auto", **options) -> nn.Module:
-    """Compile in place (regional) or wrap (full); returns the module to call."""
+    """Compile in place (regional) or wrap (full, nested); returns the module to call."""
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
@@ -27,6 +62,8 @@ def compile_model(model: GraphModel, mode: str = "auto", **options) -> nn.Module
     groups = [m for m in model.children() if isinstance(m, nn.ModuleList)]
     if mode == "full" or (mode == "auto" and not groups):
         return torch.compile(model, **options)
+    if mode == "nested":
+        return _nested(model, groups, options)
     for group in groups:
         for layer in group:
             layer.compile(**options)

@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default=None, help="comma list (default 16,32 on GPU, 2 on CPU)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", default="auto", help="graph compile modes, comma list of "
-                    "auto, regional, full, none (e.g. regional,full)")
+                    "auto, regional, full, nested, none (e.g. regional,full)")
     ap.add_argument("--write", help="append the table to this markdown file")
     ap.add_argument("--warm", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

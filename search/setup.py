@@ -42,7 +42,7 @@ class RunConfig:
     log_every: int = 10
     out: str | None = None
     resume: str | None = None
-    compile: str = "auto"                         # auto (none on CPU) | regional | full | none
+    compile: str = "auto"                         # auto (none on CPU) | regional | full | nested | none
     device: str = "auto"
     track: bool = True
     experiment: str = "playground"
@@ -92,6 +92,7 @@ class Setup:
         self.flops_per_token = self.cost.flops_per_token
         self.peak = peak_flops(self.device)
         self.compile_mode = cfg.compile if cfg.compile != "auto" or self.device.type == "cuda" else "none"
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.run_dir = self._run_dir()
         self.resume_state = self._resume()
         self.tracker = self._tracker()
@@ -111,8 +112,8 @@ class Setup:
                                  betas=(r.beta1, r.beta2), eps=r.eps, **kw)
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def wrap(self, module):

@@ -10,6 +10,7 @@ import argparse
 import sys
 import traceback
 
+from graphs.compile import MODES
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
 from search.setup import RunConfig, Setup
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> RunConfig:
                     help="after the run, time this many steps on one batch (pure step speed)")
     ap.add_argument("--out", help="run folder (default runs/<graph>-<hash>-<time>)")
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    ap.add_argument("--compile", default="auto", choices=["auto", "regional", "full", "none"])
+    ap.add_argument("--compile", default="auto", choices=MODES,
+                    help="auto: none on CPU, else regional (full without repeat groups); nested is experimental")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-track", action="store_true", help="do not log to MLflow (local files only)")
     ap.add_argument("--experiment", default="playground")
@@ -82,8 +84,9 @@ def main(argv=None) -> int:
         return 2
     bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-"
     loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
+    cache = f" (cache {r.compile_cache})" if r.compile_cache != "off" else ""
     print(f"{r.status}: {r.step} steps, {r.tokens:,} tokens in {format_duration(r.train_s)} of training "
-          f"(+{r.compile_s:.1f}s compile, {r.eval_s:.1f}s eval); val loss {loss}, val bpb {bpb}; "
+          f"(+{r.compile_s:.1f}s compile{cache}, {r.eval_s:.1f}s eval); val loss {loss}, val bpb {bpb}; "
           f"run {r.run_id or '-'} in {r.run_dir}" + (f"\n{r.message}" if r.message else ""))
     if r.pure_tok_s:
         print(f"end-to-end {r.e2e_tok_s:,.0f} tok/s = {r.e2e_tok_s / r.pure_tok_s:.3f} x the pure step "

@@ -1,7 +1,9 @@
 """One training run of one concrete graph: the loop, its budget, evaluation and checkpoints.
 
 The budget is device time spent in training steps. The first step (which compiles) and the
-evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count. The
+evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count. A compiled
+run first loads the compile cache of its graph hash and shapes (`search.compile_cache`; tag
+`compile_cache`: hit, miss or off) and, on a miss, writes it after warm-up. The
 schedule's horizon follows the budget, so a time-budgeted run still warms up and anneals.
 Losses stay on the device between log points: no host-device synchronisation in the step.
 """
@@ -17,6 +19,7 @@ import torch
 
 from graphs.compile import compile_model
 from search import checkpoint
+from search.compile_cache import CompileCache, cache_key, graph_cache_counts
 from search.dist import barrier, broadcast_flag
 from search.evaluate import evaluate
 from search.perf import mfu
@@ -31,6 +34,7 @@ class RunResult:
     tokens: int = 0
     train_s: float = 0.0
     compile_s: float = 0.0
+    compile_cache: str = "off"         # hit | miss | off (search.compile_cache)
     eval_s: float = 0.0
     val_loss: float | None = None
     val_bpb: float | None = None
@@ -65,13 +69,37 @@ class Trainer:
         self.cfg = s.cfg
         self.on_eval = on_eval          # callback(tokens, metrics) -> True to stop (prune)
         self.model = s.model
-        self.step_fn = compile_model(s.model, s.compile_mode, dynamic=False) \
-            if s.compile_mode != "none" else s.model
-        self.ddp = s.wrap(self.step_fn)
         self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
+        self.step_fn = self._compile()
+        self.ddp = s.wrap(self.step_fn)
         self.loss_acc = None
         self.bad_step = None
         self.fault = _fault(s.cfg.tags.get("optuna.trial"))
+
+    def _compile(self):
+        """The module to step: compiled (after loading the compile cache) unless mode is none."""
+        s = self.s
+        key = cache_key(s.plan.hash, micro_batch=s.recipe.micro_batch, seq_len=s.plan.seq_len,
+                        amp_dtype=s.amp_dtype, mode=s.compile_mode, world=s.dist.world, device=s.device)
+        self.cache = CompileCache(key, enabled=s.compile_mode != "none")
+        t0 = time.perf_counter()
+        self.r.compile_cache = self.cache.load()
+        self.load_s = time.perf_counter() - t0  # part of the compile cost, like the first step
+        if s.dist.main:
+            s.tracker.set_tags({"compile_cache": self.r.compile_cache})
+        if self.cache.status == "off":
+            return s.model
+        self.graphs_before = graph_cache_counts()
+        return compile_model(s.model, s.compile_mode, dynamic=False)
+
+    def _after_compile(self) -> None:
+        """Write the compile cache (a miss) and tag how many graphs the caches gave back."""
+        if self.cache.status == "off" or not self.s.dist.main:
+            return
+        self.cache.save()
+        now = graph_cache_counts()
+        hit, miss = (now[k] - self.graphs_before[k] for k in ("hit", "miss"))
+        self.s.tracker.set_tags({"compile_cache_graphs": f"{hit} reused, {miss} compiled"})
 
     # ----- budget and schedule
     def progress(self) -> float:
@@ -136,7 +164,8 @@ class Trainer:
                 n_since_log += 1
                 if self.r.step == (state or {}).get("step", 0) + 1:  # the compiling step
                     self._sync()
-                    self.r.compile_s += time.perf_counter() - t0
+                    self._after_compile()
+                    self.r.compile_s += time.perf_counter() - t0 + self.load_s
                     s.track_metrics({"time/compile_s": self.r.compile_s}, self.r.tokens)
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                     loop_t0, loop_tokens0 = last_log_t, self.r.tokens
@@ -204,6 +233,8 @@ class Trainer:
             metrics["time/eval_s"] = self.r.eval_s
             self.r.history.append({"tokens": self.r.tokens, "train_s": self.r.train_s, **metrics})
             s.track_metrics(metrics, self.r.tokens)
+            if len(self.r.history) == 1:  # regional mode compiled the no-grad graphs just now
+                self.cache.save()
             if self.on_eval is not None:
                 stop = bool(self.on_eval(self.r.tokens, metrics))
         stop = broadcast_flag(s.dist, stop, s.device)
