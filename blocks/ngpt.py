@@ -27,8 +27,9 @@ from torch import nn
 
 from blocks.attention import apply_rope, rope_tables
 from blocks.common import normal_, same_hidden
-from blocks.embeddings import MAX_DIM, MAX_VOCAB, _ids
-from blocks.kinds import KindError, expect, expect_count, hidden, logits, tokens
+from blocks.embeddings import MAX_DIM, MAX_VOCAB, Embedding
+from blocks.heads import LMHead
+from blocks.kinds import KindError, expect, expect_count, hidden, tokens
 from blocks.registry import Block, param, register
 
 # nGPT trains without warmup and without weight decay; a graph using these blocks is refused
@@ -123,11 +124,7 @@ class NGPTEmbedding(_Sphere):
 
     @classmethod
     def infer(cls, cfg, ins):
-        ids = _ids(ins)
-        if ids.vocab is not None and ids.vocab > cfg.vocab:
-            raise KindError(f"the ids range over {ids.vocab} values but the table has only "
-                            f"vocab={cfg.vocab} rows", 0)
-        return (hidden(cfg.dim, ids.seq),)
+        return Embedding.infer(cfg, ins)   # the same rules as any lookup table
 
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
@@ -291,9 +288,7 @@ class NGPTHead(_Sphere):
 
     @classmethod
     def infer(cls, cfg, ins):
-        expect_count(ins, 1)
-        k = expect(ins, 0, "hidden")
-        return (logits(cfg.vocab, k.seq),)
+        return LMHead.infer(cfg, ins)   # hidden -> logits over vocab, as any LM head
 
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
