@@ -37,11 +37,14 @@ def default_files() -> list[str]:
 
 
 def storage(cfg: StudyConfig):
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    import optuna.storages as st
     kw = {"connect_args": {"timeout": 60}} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(cfg.storage, engine_kwargs=kw, heartbeat_interval=cfg.heartbeat_s,
-                      grace_period=3 * cfg.heartbeat_s,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    if hasattr(st, "RetryHeartbeatStaleTrialCallback"):   # Optuna >= 4.9 renamed it (old name warns)
+        retry = {"heartbeat_stale_trial_callback": st.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+    else:
+        retry = {"failed_trial_callback": st.RetryFailedTrialCallback(max_retry=1)}
+    return st.RDBStorage(cfg.storage, engine_kwargs=kw, heartbeat_interval=cfg.heartbeat_s,
+                         grace_period=3 * cfg.heartbeat_s, **retry)
 
 
 def pruner(name: str):
