@@ -147,7 +147,7 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("files", nargs="*", metavar="FILE")
     ap.add_argument("--size", help="graph size (default: tiny for the default study)")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", dest="sets")
-    ap.add_argument("--budget", default=None, help="device time of the whole study (default 4m "
+    ap.add_argument("--budget", default=None, help="device time of the whole study (default 3m30s "
                                                    "for the default study, else 1h)")
     ap.add_argument("--trial-budget", default=None, help="training time per trial (default 20s "
                                                          "for the default study, else 5m)")
@@ -172,7 +172,7 @@ def parse_args(argv=None) -> StudyConfig:
     default_study = not a.files
     files = a.files or default_files()
     size = a.size or ("tiny" if default_study else None)
-    budget = parse_duration(a.budget or ("4m" if default_study else "1h"))
+    budget = parse_duration(a.budget or ("3m30s" if default_study else "1h"))
     trial_budget = None if a.trial_tokens and not a.trial_budget else \
         parse_duration(a.trial_budget or ("20s" if default_study else "5m"))
     names = "+".join(Path(f).stem for f in files)

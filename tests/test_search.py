@@ -47,8 +47,8 @@ def test_default_study_finishes_in_five_minutes_with_tracked_trials(tmp_path):
     took = time.time() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert took < 300, took                                  # 5 minutes, start-up included
-    assert "study gpt2-tiny" in out.stdout and "best graph:" in out.stdout
-    best = tmp_path / "studies" / "gpt2-tiny" / "best.yaml"
+    assert "study ngpt-tiny" in out.stdout and "best graph:" in out.stdout
+    best = tmp_path / "studies" / "ngpt-tiny" / "best.yaml"
     assert best.exists() and "graph hash" in best.read_text()
     import graphs
     assert graphs.loads(best.read_text()).concrete             # a concrete graph, ready to train
@@ -63,7 +63,7 @@ def test_default_study_finishes_in_five_minutes_with_tracked_trials(tmp_path):
     assert len(children) >= 4, len(children)
     with_curves = [c for c in children if len(client.get_metric_history(c.info.run_id, "val/bpb")) >= 2]
     assert len(with_curves) >= 4
-    ts = trials(tmp_path, "gpt2-tiny")
+    ts = trials(tmp_path, "ngpt-tiny")
     assert ts[0].user_attrs.get("baseline")                  # the unmodified graph came first
     for c in children:
         n = int(c.data.tags["optuna.trial"])
