@@ -1,7 +1,11 @@
 """Shared fixtures. GPU tests (`@pytest.mark.gpu`) are skipped where CUDA is missing."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,34 @@ def postgres_url():
         yield server.url("optuna")
     finally:
         server.stop()
+
+
+@dataclass
+class DefaultStudy:
+    """The outcome of `python -m search.run` with no arguments, run once per test session."""
+    folder: Path            # its working directory: mlflow.db, optuna.db, studies/ngpt-tiny/
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float          # wall time, start-up included
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.folder}/mlflow.db"
+
+    @property
+    def storage(self) -> str:
+        return f"sqlite:///{self.folder}/optuna.db"
+
+
+@pytest.fixture(scope="session")
+def default_study(tmp_path_factory) -> DefaultStudy:
+    """The real default study (ngpt tiny, about 4 minutes on the CPU machine), shared by the test of
+    its acceptance and by the app's tests, which read the store it leaves."""
+    tmp = tmp_path_factory.mktemp("default-study")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "search.run"], cwd=tmp, env=env, capture_output=True,
+                         text=True, timeout=900)
+    return DefaultStudy(tmp, out.returncode, out.stdout, out.stderr, time.time() - t0)
