@@ -37,7 +37,10 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared hosts)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":  # binding the rank's GPU up front lets barriers use it without guessing
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     return Dist(rank, world, local), dev
 
 

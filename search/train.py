@@ -13,6 +13,7 @@ import traceback
 from graphs.compile import MODES
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
+from search.dist import teardown
 from search.setup import RunConfig, Setup
 from search.trainer import RunResult, Trainer
 
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown()  # leave the process group cleanly under torchrun (no NCCL leak warning)
     bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-"
     loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
     cache = f" (cache {r.compile_cache})" if r.compile_cache != "off" else ""

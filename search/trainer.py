@@ -209,9 +209,12 @@ class Trainer:
         loss = (self.loss_acc / (n_steps * s.accum)).item() if self.loss_acc is not None else float("nan")
         self.loss_acc = None
         tok_s = dtokens / dt if dt > 0 else 0.0
-        self.r.tok_s, self.r.mfu = tok_s, mfu(s.flops_per_token, tok_s, s.peak)
+        world = s.dist.world                  # tok_s counts every rank's tokens; the peak is one GPU's
+        self.r.tok_s, self.r.mfu = tok_s, mfu(s.flops_per_token, tok_s / world, s.peak)
         m = {"train/loss": loss, "train/lr": self.lr, "perf/tok_s": tok_s,
              "budget/gpu_s": self.r.train_s, "time/train_s": self.r.train_s}
+        if world > 1:
+            m["perf/tok_s_per_gpu"] = tok_s / world
         if getattr(self, "grad_norm", None) is not None:
             m["train/grad_norm"] = float(self.grad_norm)
         if self.r.mfu is not None:
