@@ -51,7 +51,11 @@ def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 @torch.no_grad()
 def retract_(w: torch.Tensor, dim: int) -> None:
     """Normalise a weight in place along `dim` (fp32 arithmetic, written back in w's dtype)."""
-    if w.device.type != "meta":
+    if w.device.type == "meta":
+        return
+    if w.element_size() >= 4:   # in place, as F.normalize computes it: no copy of the weight
+        w.div_(torch.linalg.vector_norm(w, dim=dim, keepdim=True).clamp_min_(1e-12))
+    else:
         w.copy_(unit(w, dim).to(w.dtype))
 
 
@@ -225,7 +229,8 @@ class NGPTMLP(_Sphere):
     def forward(self, x):
         # As in the reference, sqrt(d) multiplies both halves; on u it is a global scale of h_M,
         # which Norm(h_M) in the residual removes, so this equals the paper's nu-only factor.
-        u, nu = (self.fc(x) * (self.s_uv() * math.sqrt(self.d))).chunk(2, dim=-1)
+        h = self.fc(x)   # the scale joins h's dtype: an fp32 copy of [B, T, 2 hidden] doubles the MLP's memory
+        u, nu = (h * (self.s_uv() * math.sqrt(self.d)).to(h.dtype)).chunk(2, dim=-1)
         return self.proj(u * F.silu(nu))
 
 
@@ -297,4 +302,5 @@ class NGPTHead(_Sphere):
         self.s_z = ScaleVector(cfg.vocab, cfg.sz_init, cfg.sz_scale or 1.0 / math.sqrt(self.d))
 
     def forward(self, x):
-        return F.linear(x, self.weight) * self.s_z()
+        # s_z scales the [vocab, d] rows, not the [B, T, vocab] logits: the same z, 1/(B T / d) the work
+        return F.linear(x, self.weight * self.s_z()[:, None])

@@ -242,7 +242,8 @@ class NGPTMLP(nn.Module):
         self.s_uv = ScaleVector(2 * hidden, suv_init, suv_scale)
 
     def forward(self, x):
-        u, nu = (self.fc(x) * (self.s_uv() * math.sqrt(self.d))).chunk(2, dim=-1)
+        h = self.fc(x)   # the scale joins h's dtype: an fp32 copy of [B, T, 2 hidden] doubles the MLP's memory
+        u, nu = (h * (self.s_uv() * math.sqrt(self.d)).to(h.dtype)).chunk(2, dim=-1)
         return self.proj(u * F.silu(nu))
 
 
@@ -270,4 +271,5 @@ class NGPTHead(nn.Module):
         self.s_z = ScaleVector(vocab, sz_init, sz_scale)
 
     def forward(self, x):
-        return F.linear(x, self.weight) * self.s_z()
+        # s_z scales the [vocab, d] rows, not the [B, T, vocab] logits: the same z, 1/(B T / d) the work
+        return F.linear(x, self.weight * self.s_z()[:, None])
