@@ -67,6 +67,16 @@ def rows(study) -> list[dict]:
     return out
 
 
+def device_shares(study, used: float) -> dict[str, float]:
+    """Where the study's device time went, in percent: training steps, compilation (first step
+    and evaluation graphs), evaluation, and the rest (set-up, checkpoints, tracking, pruned
+    pre-flights)."""
+    ts = study.get_trials(deepcopy=False)
+    part = {k: sum(t.user_attrs.get(f"{k}_s", 0) for t in ts) for k in ("train", "compile", "eval")}
+    part["other"] = max(used - sum(part.values()), 0.0)
+    return {k: 100 * v / max(used, 1e-9) for k, v in part.items()}
+
+
 def summary(cfg: StudyConfig, study) -> str:
     rs = rows(study)
     best = {t.number for t in front(study)}
@@ -82,12 +92,13 @@ def summary(cfg: StudyConfig, study) -> str:
         lines.append(f"{r['trial']:>4}{mark}  {r['status']:<10} {r['graph']:<8} {r['hash']:<8}  {val:>8}  "
                      f"{tok:>9}  {dev:>7}  {note}")
     used = sum(r["device_s"] or 0 for r in rs)
-    trained = sum(t.user_attrs.get("train_s", 0) for t in study.get_trials(deepcopy=False))
+    share = device_shares(study, used)
     finished = sum(1 for r in rs if r["state"] in ("COMPLETE", "PRUNED", "FAIL") and r["device_s"])
     rate = finished / (used / 3600) if used else 0.0
     lines.append(f"* best{' (Pareto front)' if cfg.also else ''}, b baseline; device time used "
-                 f"{used:.0f}s of {cfg.budget_s:.0f}s, {100 * trained / max(used, 1e-9):.0f}% of it in "
-                 f"training steps; {rate:.0f} trials per device-hour")
+                 f"{used:.0f}s of {cfg.budget_s:.0f}s, {share['train']:.0f}% of it in training steps "
+                 f"(compile {share['compile']:.0f}%, evaluation {share['eval']:.0f}%, set-up, "
+                 f"checkpoints and tracking {share['other']:.0f}%); {rate:.0f} trials per device-hour")
     if cfg.also and best:
         lines += ["", *front_table(cfg, study)]
     if "seeds" in study.user_attrs:

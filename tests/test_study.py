@@ -39,3 +39,20 @@ def test_sampling_follows_the_family_and_baselines_are_the_defaults():
     base = baseline_params(fams)
     assert {b["graph"] for b in base} == {"gpt2", "llama"}
     assert {"gpt2:vars.lr": 6e-3, "gpt2:nodes.h.body.mlp.act": "gelu_tanh"}.items() <= base[0].items()
+
+
+def test_device_time_is_split_into_training_compile_evaluation_and_the_rest():
+    from search.report import device_shares
+    study = optuna.create_study()
+    for attrs in ({"train_s": 30.0, "compile_s": 5.0, "eval_s": 3.0, "device_s": 40.0},
+                  {"train_s": 10.0, "compile_s": 1.0, "eval_s": 1.0, "device_s": 20.0},
+                  {"device_s": 0.5}):  # refused in pre-flight: all of it overhead
+        t = study.ask()
+        for k, v in attrs.items():
+            t.set_user_attr(k, v)
+        study.tell(t, 1.0)
+    s = device_shares(study, 60.5)
+    assert s["train"] == pytest.approx(100 * 40 / 60.5)
+    assert s["compile"] == pytest.approx(100 * 6 / 60.5) and s["eval"] == pytest.approx(100 * 4 / 60.5)
+    assert s["other"] == pytest.approx(100 * 10.5 / 60.5)
+    assert sum(s.values()) == pytest.approx(100)
