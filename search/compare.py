@@ -34,7 +34,7 @@ from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
 from search.data import open_dataset
 from search.perf import device_name
-from search.setup import RunConfig, git_commit
+from search.setup import CPU_EVAL_BYTES, RunConfig, git_commit
 from search.track import Tracker
 from search.train import run_training
 
@@ -292,7 +292,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.budget_s = parse_duration(a.budget) if a.budget else (None if a.tokens else 60.0)
     a.max_tokens = parse_count(a.tokens) if a.tokens else None
     cuda = a.device.startswith("cuda") or a.device == "auto" and torch.cuda.is_available()
-    a.eval_bytes = a.eval_bytes or (1 << 20 if cuda else 1 << 14)  # search.setup's default, made explicit
+    a.eval_bytes = a.eval_bytes or (1 << 20 if cuda else CPU_EVAL_BYTES)  # search.setup's default, made explicit
     a.command = "python -m search.compare " + shlex.join(argv)
     stem = Path(a.out).stem if a.out else "+".join(Path(f).stem for f in a.files) + f"-{a.size or 'default'}"
     a.name = f"compare-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -156,8 +156,33 @@ def _doc_starts(s: np.ndarray, eot: int, placement: str) -> np.ndarray:
     return np.union1d([0], starts[starts < len(s)])
 
 
+def _fitting_docs(dataset, tokenizer, max_bytes: int, window: int = 1 << 20):
+    """Whole validation documents in order, each taken while it still fits in `max_bytes` (longer
+    ones skipped), among those ending within the first `window` bytes of text; (tokens, count)
+    or None. A prefix of 2 * window tokens holds all of those whole under any tokenizer (every
+    non-EOT token is at least one byte), so every tokenizer picks the same documents."""
+    s = _val_prefix(dataset.val, 2 * window)
+    starts = _doc_starts(s, tokenizer.eot, dataset.eot_placement)
+    ends = np.append(starts[1:], len(s))
+    if len(s) == 2 * window:  # the last document may go on past the prefix
+        starts, ends = starts[:-1], ends[:-1]
+    cum = np.concatenate([[0], np.cumsum(tokenizer.token_bytes[s])])
+    picked, total = [], 0
+    for a, b in zip(starts, ends):
+        size = int(cum[b] - cum[a])
+        if cum[b] > window or total >= max_bytes:
+            break
+        if 0 < size <= max_bytes - total:
+            picked.append(s[a:b])
+            total += size
+    return (np.concatenate(picked), len(picked)) if picked else None
+
+
 def val_span(dataset, tokenizer, max_bytes: int) -> ValSpan:
-    """The first whole validation documents totalling at most `max_bytes` bytes (at least one)."""
+    """The first whole validation documents totalling at most `max_bytes` bytes. When the first
+    document alone is longer, the documents that fit, in order, skipping longer ones (so a small
+    budget stays small on CPU), else the first document: a document is never cut. Chosen by
+    bytes, so every tokenizer scores the same text."""
     if dataset.tokenizer != tokenizer.name:
         raise DataError(f"dataset {dataset.name} holds {dataset.tokenizer} tokens, not "
                         f"{tokenizer.name} ones")
@@ -175,8 +200,11 @@ def val_span(dataset, tokenizer, max_bytes: int) -> ValSpan:
         n *= 2  # every selected document was complete: there may be room for more
     if complete == 0 or len(s) == 0:
         raise DataError(f"dataset {dataset.name}: no validation tokens")
-    k = max(k, 1)
-    span = s[:ends[k - 1]]
+    if k == 0:  # the first document alone is longer: the documents that fit, else the first
+        fit = _fitting_docs(dataset, tokenizer, max_bytes)
+        span, k = fit if fit is not None else (s[starts[0]:ends[0]], 1)
+    else:
+        span = s[:ends[k - 1]]
     if tokenizer.token_bytes[span[0]] > 0:  # no leading EOT (appended EOTs): add one so that
         span = np.concatenate([[tokenizer.eot], span])  # the first byte is a target too
     return ValSpan(span, k, int(tokenizer.token_bytes[span].sum()))

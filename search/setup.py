@@ -23,6 +23,9 @@ from search.tokenizer import get_tokenizer
 from search.track import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
+# validation span on CPU: whole documents up to 8 KiB (tiny models spend most of a CPU trial on
+# the 50k-way head of evaluation); 1 MiB on a GPU
+CPU_EVAL_BYTES = 1 << 13
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Setup:
         self._batching()
         self.loader = Loader(self.dataset.train, self.recipe.micro_batch, self.plan.seq_len,
                              seed=cfg.seed, rank=self.dist.rank, world=self.dist.world, device=self.device)
-        eval_bytes = cfg.eval_bytes or (1 << 20 if self.device.type == "cuda" else 1 << 14)
+        eval_bytes = cfg.eval_bytes or (1 << 20 if self.device.type == "cuda" else CPU_EVAL_BYTES)
         self.val = val_batches(self.dataset, self.tokenizer, self.plan.seq_len, self.recipe.micro_batch,
                                eval_bytes, device=self.device)
         self.opt = self._optimizer()

@@ -337,3 +337,17 @@ def test_val_span_with_appended_eot_and_a_long_first_document():
     assert val_span(ds, tok, 10**6).span_bytes == 5
     with pytest.raises(DataError, match="holds bytes tokens"):
         val_span(ds, type("T", (), {"name": "gpt2"})(), 4)
+
+
+def test_val_span_takes_the_documents_that_fit_when_the_first_is_too_long():
+    tok = get_tokenizer("bytes")
+    docs = ["a" * 50, "bcd", "efghij", "kl"]
+    stream = np.array([t for d in docs for t in tok.encode(d) + [256]], dtype=np.uint16)
+    ds = Dataset("toy", "bytes", [stream], [stream], "0" * 64, eot_placement="append")
+    span = val_span(ds, tok, 4)
+    assert span.n_docs == 1 and span.span_bytes == 3 and span.tokens.tolist() == [256, 98, 99, 100, 256]
+    assert val_span(ds, tok, 2).span_bytes == 2                  # "kl", the first that fits
+    both = val_span(ds, tok, 5)                                  # "bcd" and "kl", skipping "efghij"
+    assert both.n_docs == 2 and both.tokens.tolist() == [256, 98, 99, 100, 256, 107, 108, 256]
+    assert val_span(ds, tok, 1).span_bytes == 50                 # none fits: the first, whole
+    assert val_span(ds, tok, 55).span_bytes == 53                # the first fits: as before
