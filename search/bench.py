@@ -113,7 +113,7 @@ def unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def build_pair(name, size, batch, device, modes):
+def build_pair(name, size, batch, device, modes, twins=True):
     """The hand-written reference and the graph model (one per compile mode), same weights."""
     from bench.reference import load_from_graph
     from graphs.compile import compile_model
@@ -122,7 +122,7 @@ def build_pair(name, size, batch, device, modes):
     fpt = analyse(plan).flops_per_token
     T, V = plan.seq_len, plan.vars["vocab_size"]
     runners, la = [], None
-    if name in PAIRS:   # graphs without a hand-written twin (nGPT, ...) are timed against gpt2's graph
+    if twins and name in PAIRS:   # graphs without a hand-written twin (nGPT, ...) are timed against gpt2's graph
         ref = reference_model(name, plan, device)
         load_from_graph(ref, gm)
         with torch.no_grad():  # same weights, same batch -> same loss (fp32, eager)
@@ -152,12 +152,12 @@ def _first_step(r: Runner, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet) -> list[dict]:
+def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, twins=True) -> list[dict]:
     rows = []
     for name in names:
         for batch in batches:
             torch._dynamo.reset()
-            fpt, runners, loss = build_pair(name, size, batch, device, modes)
+            fpt, runners, loss = build_pair(name, size, batch, device, modes, twins)
             for r in runners:
                 r.compile_s = _first_step(r, device)
                 r.timed(3)
@@ -236,27 +236,27 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def table(rows, warm, meta) -> str:
+def table(rows, warm, meta, baseline: str = "gpt2") -> str:
     lines = [f"### {meta['title']}", "", f"- command: `{meta['command']}`",
              f"- device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}",
              f"- bf16 8192³ matmul measured in this run: {fmt(meta['peak_meas'] and meta['peak_meas'] / 1e12, '.0f')} "
              "TFLOP/s; datasheet peak {0}".format(fmt(meta['peak_sheet'] and meta['peak_sheet'] / 1e12, '.1f')),
              "- FLOPs/token: 3 x forward FLOPs by torch.utils.flop_counter = PaLM 6N + 12·L·d·T "
              "(attention in full); medians of interleaved steps (5 per round) after 3 warm-up steps", "",
-             "| model | batch | tok/s | ms/step | tok/s vs hand-written | step time vs gpt2 graph | "
+             f"| model | batch | tok/s | ms/step | tok/s vs hand-written | step time vs {baseline} graph | "
              "MFU (measured peak) | MFU (datasheet) | peak GiB | cold compile s | warm compile s | recompiles |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"].split()[0], r["batch"]): r["tok_s"] for r in rows if "hand-written" in r["model"]}
-    gpt2 = {(r["model"].split(" ", 1)[1], r["batch"]): r["ms_step"] for r in rows
-            if r["model"].startswith("gpt2 graph")}
+    ref = {(r["model"].split(" ", 1)[1], r["batch"]): r["ms_step"] for r in rows
+           if r["model"].startswith(f"{baseline} graph")}
     for r in rows:
         key = (r["model"].split()[0], r["batch"])
         ratio = r["tok_s"] / base[key] if key in base and "hand-written" not in r["model"] else None
-        g = gpt2.get((r["model"].split(" ", 1)[1], r["batch"]))
-        vs_gpt2 = r["ms_step"] / g if g and "graph" in r["model"] and not r["model"].startswith("gpt2") else None
+        g = ref.get((r["model"].split(" ", 1)[1], r["batch"]))
+        vs_ref = r["ms_step"] / g if g and "graph" in r["model"] and not r["model"].startswith(f"{baseline} ") else None
         w = warm.get((r["model"], r["batch"]))
         lines.append(f"| {r['model']} | {r['batch']} | {r['tok_s']:,.0f} | {r['ms_step']:.1f} | "
-                     f"{fmt(ratio, '.3f')}× | {fmt(vs_gpt2, '.3f')}× | "
+                     f"{fmt(ratio, '.3f')}× | {fmt(vs_ref, '.3f')}× | "
                      f"{fmt(r['mfu_meas'] and 100 * r['mfu_meas'], '.1f')}% | "
                      f"{fmt(r['mfu_sheet'] and 100 * r['mfu_sheet'], '.1f')}% | {fmt(r.get('peak_gib'), '.2f')} | "
                      f"{r['compile_s']:.1f} | {fmt(w, '.1f')} | {r['recompiles']} |")
@@ -274,6 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="auto", help="graph compile modes, comma list of "
                     "auto, regional, full, nested, none (e.g. regional,full)")
     ap.add_argument("--write", help="append the table to this markdown file")
+    ap.add_argument("--baseline", default="gpt2", help="graph whose step time the others are divided "
+                                                       "by (default gpt2; e.g. llama for hyper)")
+    ap.add_argument("--no-twins", action="store_true", help="skip the hand-written references")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm-start compile (new process)")
     ap.add_argument("--warm", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -289,10 +293,10 @@ def main(argv=None) -> int:
     peak_sheet = peak_flops(device)
     names = a.models.split(",")
     modes = ["none"] if compile_mode == "none" else compile_mode.split(",")
-    rows = measure(names, size, batches, a.steps, device, modes, peak_meas, peak_sheet)
+    rows = measure(names, size, batches, a.steps, device, modes, peak_meas, peak_sheet, not a.no_twins)
     warm = {}
     for row in rows:  # a new process on the same cache: the warm start a search trial sees
-        if "graph" in row["model"] and modes != ["none"] and row["batch"] == batches[0]:
+        if "graph" in row["model"] and modes != ["none"] and row["batch"] == batches[0] and not a.no_warm:
             mode = row["model"].split("(")[1].rstrip(")")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = row["cache_dir"]
             warm[(row["model"], row["batch"])] = warm_compile(row["model"].split()[0], size, row["batch"],
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
             "device": device_name(device), "torch": torch.__version__, "triton": triton_v,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_meas": peak_meas,
             "peak_sheet": peak_sheet}
-    text = table(rows, warm, meta)
+    text = table(rows, warm, meta, a.baseline)
     print(text)
     print(json.dumps({"rows": rows, "warm": {f"{k[0]}@{k[1]}": v for k, v in warm.items()}, "meta": meta},
                      default=str))

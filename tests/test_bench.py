@@ -22,3 +22,11 @@ def test_hand_written_references_load_the_graph_weights_and_agree():
         load_from_graph(ref, gm)
         idx = torch.randint(0, 50257, (2, plan.seq_len))
         torch.testing.assert_close(gm(idx, idx)[0], ref(idx, idx)[0])
+
+
+def test_a_graph_is_timed_against_the_chosen_baseline_without_twins(capsys):
+    assert bench.main(["--steps", "5", "--models", "llama,ngpt", "--baseline", "llama", "--no-twins"]) == 0
+    out = capsys.readouterr().out
+    assert "step time vs llama graph" in out and "| llama hand-written" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| ngpt graph (none) | 2 |"))
+    assert row.split("|")[6].strip() not in ("-×", "")          # a ratio to the llama graph
