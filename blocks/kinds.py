@@ -16,12 +16,14 @@ class Kind:
     name: str                 # tokens | bytes | hidden | streams | patch_map | logits | loss
     seq: str | None = None    # token | byte | patch (None for a scalar loss)
     width: int | None = None  # d for hidden/streams
-    n: int | None = None      # number of parallel streams
+    n: int | None = None      # number of parallel streams (pieces: streams x fractions)
     vocab: int | None = None  # for ids and logits
+    frac: int | None = None   # streams: fractions each stream's width is split into (None = 1)
 
     def __str__(self) -> str:
         attrs = [f"{k}={v}" for k, v in (("seq", self.seq), ("d", self.width), ("n", self.n),
-                                          ("vocab", self.vocab)) if v is not None]
+                                          ("vocab", self.vocab), ("frac", self.frac))
+                 if v is not None]
         return f"{self.name}[{', '.join(attrs)}]" if attrs else self.name
 
     def with_(self, **kw) -> "Kind":
@@ -40,8 +42,10 @@ def hidden(width: int, seq: str = "token") -> Kind:
     return Kind("hidden", seq, width=width)
 
 
-def streams(n: int, width: int, seq: str = "token") -> Kind:
-    return Kind("streams", seq, width=width, n=n)
+def streams(n: int, width: int, seq: str = "token", frac: int = 1) -> Kind:
+    """n pieces of width `width`; with frac m > 1 they are n/m streams each split into m
+    fractions (frac-connections), piece u = stream u // m, fraction u % m."""
+    return Kind("streams", seq, width=width, n=n, frac=frac if frac > 1 else None)
 
 
 def patch_map() -> Kind:

@@ -305,6 +305,9 @@ class _Elaborator:
             raise self.loc.error(f"unknown block type '{tname}'{did_you_mean(tname, blocks.REGISTRY)}",
                                  path + ("type",))
         self.types[nid] = cls
+        if layer is not None and getattr(cls, "model_level", False):  # e.g. hc_expand/hc_collapse
+            raise self.loc.error(f"{tname} runs once per model: place it outside the repeat group",
+                                 path + ("type",))
         cfg = make_config(cls.Config, spec, env, self.loc, path)
         msg = cls.check_config(cfg)
         if msg:
