@@ -3,5 +3,6 @@
 Imports only torch. Importing this package registers every block family; `REGISTRY` maps a
 YAML type name to its Block class.
 """
-from blocks import attention, basic, bytes, embeddings, heads, hyper, mlp, ngpt, norms  # noqa: F401
+from blocks import (attention, attention_diff, attention_mla, basic, bytes, embeddings,  # noqa: F401
+                    heads, hyper, mlp, ngpt, norms)
 from blocks.registry import REGISTRY, Block, Context, config_fields, get, param, register  # noqa: F401

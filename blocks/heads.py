@@ -1,4 +1,5 @@
-"""Output side: the LM head (optionally tied to an embedding) and the cross-entropy loss."""
+"""Output side: the LM head (optionally tied to an embedding), a final-logit softcap, the
+cross-entropy loss, and the fused linear cross-entropy (head and loss without full logits)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from torch import nn
 
 from blocks.common import fill_, normal_
 from blocks.kinds import LOSS, KindError, expect, expect_count, hidden, logits, tokens
+from blocks.liger import IMPL_DOC, IMPLS, run
 from blocks.registry import Block, param, register
 
 
@@ -56,6 +58,27 @@ class LMHead(Block):
 
 
 @register
+class LogitSoftcap(Block):
+    """Final-logit softcap c * tanh(logits / c) (Gemma 2: c = 30; the speedrun: 30, later 15)."""
+
+    type_name, family = "logit_softcap", "heads"
+    example = ({"cap": 30.0}, [logits(50)])  # for the registry's smoke test
+    inputs = ("logits",)
+
+    @dataclass(frozen=True)
+    class Config:
+        cap: float = param(30.0, "the cap c: outputs lie in (-c, c)", min=1e-3, max=1e6)
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        expect_count(ins, 1)
+        return (expect(ins, 0, "logits"),)
+
+    def forward(self, lg):
+        return self.cfg.cap * torch.tanh(lg / self.cfg.cap)
+
+
+@register
 class CrossEntropy(Block):
     """Mean next-token cross-entropy in fp32; targets equal to `ignore_index` are skipped."""
 
@@ -66,17 +89,54 @@ class CrossEntropy(Block):
     @dataclass(frozen=True)
     class Config:
         ignore_index: int = param(-1, "target id that contributes no loss", min=-(1 << 31), max=1 << 31)
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
 
     @classmethod
     def infer(cls, cfg, ins):
         expect_count(ins, 2)
         lg = expect(ins, 0, "logits")
-        tg = ins[1]
-        if tg.name not in ("tokens", "bytes") or tg.seq != lg.seq:
-            raise KindError(f"input 2 must be target ids on the {lg.seq} sequence, got {tg}", 1)
+        _targets(ins, lg.seq)
         return (LOSS,)
 
     def forward(self, lg, targets):
-        lg = lg if lg.dtype == torch.float64 else lg.float()   # fp32 at least (fp64 in parity tests)
-        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1),
-                               ignore_index=self.cfg.ignore_index)
+        # the twin computes in fp32 at least (fp64 in parity tests)
+        return run("cross_entropy", self.cfg.impl, lg.reshape(-1, lg.shape[-1]), targets.reshape(-1),
+                   self.cfg.ignore_index)
+
+
+def _targets(ins, seq):
+    tg = ins[1]
+    if tg.name not in ("tokens", "bytes") or tg.seq != seq:
+        raise KindError(f"input 2 must be target ids on the {seq} sequence, got {tg}", 1)
+
+
+@register
+class LinearCrossEntropy(LMHead):
+    """LM head and cross-entropy in one, never holding the full logits (Liger's fused kernel, or
+    a chunked, checkpointed twin); `tie` shares an embedding's table as with lm_head."""
+
+    type_name, family = "linear_cross_entropy", "heads"
+    example = ({"vocab": 50}, [hidden(16), tokens(50)])  # for the registry's smoke test
+    inputs = ("x", "targets")
+
+    @dataclass(frozen=True)
+    class Config:
+        vocab: int = param(doc="number of classes (rows of the weight)", min=1, max=1 << 24)
+        tie: str | None = param(None, "id of an embedding node whose table is shared", ref=True)
+        std: float = param(0.02, "init: N(0, std) (ignored when tied)", min=0.0, max=10.0)
+        ignore_index: int = param(-1, "target id that contributes no loss", min=-(1 << 31), max=1 << 31)
+        chunk: int = param(4096, "rows per chunk in the twin", min=1, max=1 << 24)
+        impl: str = param("torch", IMPL_DOC + "; liger runs outside compiled regions",
+                          choices=IMPLS)
+        bias = False   # not a field: Liger's fused loss and our twin take no output bias
+
+    @classmethod
+    def infer(cls, cfg, ins):
+        expect_count(ins, 2)
+        k = expect(ins, 0, "hidden")
+        _targets(ins, k.seq)
+        return (LOSS,)
+
+    def forward(self, x, targets):
+        return run("linear_cross_entropy", self.cfg.impl, x.reshape(-1, x.shape[-1]), self.weight,
+                   targets.reshape(-1), self.cfg.ignore_index, self.cfg.chunk)

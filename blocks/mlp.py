@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the GPT-2 MLP (GELU-tanh by default) and the SwiGLU MLP (Llama)."""
+"""Feed-forward blocks: the GPT-2 MLP (GELU-tanh by default), the SwiGLU MLP (Llama) and GEGLU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +8,7 @@ from torch import nn
 
 from blocks.common import fill_, normal_, same_hidden
 from blocks.kinds import hidden
+from blocks.liger import IMPL_DOC, IMPLS, run
 from blocks.registry import Block, param, register
 
 ACTIVATIONS = {
@@ -72,6 +73,9 @@ class SwiGLU(_FeedForward):
         bias: bool = param(False, "biases on the projections")
         std: float = param(0.02, "init of gate/up: N(0, std)", min=0.0, max=10.0)
         proj_std: float = param(0.02, "init of the output projection", min=0.0, max=10.0)
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
+
+    op = "swiglu"   # act(gate) * up, by the twin or the Liger kernel (blocks.liger)
 
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
@@ -81,4 +85,12 @@ class SwiGLU(_FeedForward):
 
     def forward(self, x):
         gate, up = self.fc(x).chunk(2, dim=-1)
-        return self.proj(F.silu(gate) * up)
+        return self.proj(run(self.op, self.cfg.impl, gate, up))
+
+
+@register
+class GEGLU(SwiGLU):
+    """proj(gelu_tanh(gate(x)) * up(x)) (Gemma); fc = [gate; up] as in SwiGLU."""
+
+    type_name, family = "geglu", "mlp"
+    op = "geglu"

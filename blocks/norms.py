@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from blocks.common import fill_, same_hidden
 from blocks.kinds import hidden
+from blocks.liger import IMPL_DOC, IMPLS, run
 from blocks.registry import Block, param, register
 
 
@@ -23,6 +23,7 @@ class LayerNorm(Block):
     class Config:
         eps: float = param(1e-5, "added to the variance", min=0.0, max=1.0)
         bias: bool = param(True, "learn an additive bias")
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
 
     @classmethod
     def infer(cls, cfg, ins):
@@ -39,7 +40,7 @@ class LayerNorm(Block):
         fill_(self.bias, 0.0)
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.cfg.eps)
+        return run("layer_norm", self.cfg.impl, x, self.weight, self.bias, self.cfg.eps)
 
 
 @register
@@ -53,6 +54,7 @@ class RMSNorm(Block):
     class Config:
         eps: float = param(1e-6, "added to the mean square", min=0.0, max=1.0)
         gain: bool = param(True, "learn a per-channel gain (initialised to 1)")
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
 
     @classmethod
     def infer(cls, cfg, ins):
@@ -66,6 +68,4 @@ class RMSNorm(Block):
         fill_(self.weight, 1.0)
 
     def forward(self, x):
-        x32 = x.float()
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.eps)).to(x.dtype)
-        return y * self.weight if self.weight is not None else y
+        return run("rms_norm", self.cfg.impl, x, self.weight, self.cfg.eps)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from blocks.attention import variants
 from graphs.elaborate import Group, Plan, Ref, Step
 from graphs.export import ExportError, target
 from graphs.hf import gpt2_from_hf, llama_from_hf
@@ -196,6 +197,8 @@ def _attn(m: Match, d: int, c: _Checks, rope: bool, bias: bool) -> dict:
     c.need(a.bias == bias, f"attention bias={a.bias}; HF {m.tpl.arch} has bias={bias}")
     c.need(a.rope == rope, f"attention rope={a.rope}; HF {m.tpl.arch} has rope={rope}")
     c.need(not rope or a.rope_fraction == 1.0, f"rope_fraction={a.rope_fraction} (HF: 1.0)")
+    for x in cfgs:
+        c.need(not variants(x), f"attention options {variants(x)} (HF {m.tpl.arch}: none)")
     return {"heads": a.heads, "kv": a.kv_heads or a.heads, "dh": a.head_dim or d // a.heads,
             "theta": a.rope_theta, "dropout": a.dropout}
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blocks.attention import variants
 from graphs.elaborate import Step
 from graphs.export import ExportError, parts
 
@@ -35,6 +36,10 @@ def _inv_sqrt(s: Step, value) -> float:
 
 def _attention(s: Step) -> dict:
     c = s.cfg
+    extra = variants(c) + (["value inputs"] if len(s.ins) > 1 else [])
+    if extra:
+        raise ExportError(f"attention '{s.id}' uses {', '.join(extra)}, which the standalone "
+                          "format does not write yet")
     return dict(dim=_d(s), heads=c.heads, kv_heads=c.kv_heads or c.heads,
                 head_dim=c.head_dim or _d(s) // c.heads, bias=c.bias, rope=c.rope,
                 rope_theta=c.rope_theta, rope_fraction=c.rope_fraction, dropout=c.dropout,

@@ -1,0 +1,228 @@
+"""Kernel backends for basic ops: Liger-Kernel's Triton kernels and their plain-PyTorch twins.
+
+A block with an `impl` field calls `run(op, impl, *args)`:
+- `torch`: the twin below (CPU, tests, the reference; what every graph used before).
+- `liger`: the Liger kernel; an error where it cannot run (no CUDA, liger-kernel missing).
+- `auto`: the twin where Liger cannot run; on CUDA, whichever of the two a micro-benchmark
+  (forward + backward on random inputs of the same shapes) finds faster, decided once per op,
+  device, dtype and shapes and cached. Inside a torch.compile trace nothing is benchmarked: a
+  decision made by an earlier eager call is reused, else the twin is taken.
+
+`liger_kernel` is imported lazily, only when a Liger path runs. Pitfalls handled here (see
+architectures.md §6): RMSNorm runs with in_place=False (in-place writes dX into the dY buffer);
+cross-entropy never overwrites logits that other ops may read (Liger stores the gradient in its
+input: we pass inplace=False where the version has it, else a copy); fused linear cross-entropy
+accumulates the weight gradient in fp32 (accum_dtype; bf16 accumulation diverges) and runs
+outside compiled regions (it fails inside one on torch 2.11 + liger-kernel 0.8.5). Liger's
+LayerNorm defaults (eps 1e-6, no bias) never apply: our blocks pass their own eps and bias.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import time
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("torch", "liger", "auto")
+IMPL_DOC = ("kernel backend: torch (the plain twin), liger (Liger-Kernel's Triton kernel, CUDA "
+            "only), auto (the faster of the two on CUDA by a cached micro-benchmark, else torch)")
+
+
+# ----- the twins: one function per op, the same signature as its Liger counterpart below
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm: normalise in fp32, cast back to x's dtype, then multiply by the gain."""
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight if weight is not None else y
+
+
+def torch_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def torch_rope(q, k, cos, sin):
+    """Half-split RoPE of q [B, H, T, D] and k [B, H_kv, T, D]; cos/sin are [T, D]."""
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return rot(q), rot(k)
+
+
+def torch_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def torch_geglu(gate, up):
+    return F.gelu(gate, approximate="tanh") * up   # Liger's GEGLU is tanh-GELU only
+
+
+def torch_cross_entropy(logits, targets, ignore_index):
+    lg = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(lg, targets, ignore_index=ignore_index)
+
+
+def torch_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 4096):
+    """Mean CE of x @ weight.T over rows, `chunk` rows at a time; each chunk's logits are
+    recomputed in backward (checkpointed), so the full [N, V] logits never stay in memory."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(xc, tc):
+        lg = F.linear(xc, weight)
+        lg = lg if lg.dtype == torch.float64 else lg.float()
+        return F.cross_entropy(lg, tc, ignore_index=ignore_index, reduction="sum")
+    total = x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    for xc, tc in zip(x.split(chunk), targets.split(chunk)):
+        total = total + (checkpoint(part, xc, tc, use_reentrant=False) if torch.is_grad_enabled()
+                         else part(xc, tc))
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+TWINS = {"rms_norm": rms_norm, "layer_norm": torch_layer_norm, "rope": torch_rope,
+         "swiglu": torch_swiglu, "geglu": torch_geglu, "cross_entropy": torch_cross_entropy,
+         "linear_cross_entropy": torch_linear_cross_entropy}
+
+
+# ----- the Liger side (imported only when called)
+
+def _functional():
+    from liger_kernel.transformers import functional
+    return functional
+
+
+def liger_rms_norm(x, weight, eps):
+    w = weight if weight is not None else torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    return _functional().liger_rms_norm(x, w, eps, 0.0, "llama", False)   # in_place=False
+
+
+def liger_layer_norm(x, weight, bias, eps):
+    b = bias if bias is not None else torch.zeros_like(weight)
+    return _functional().liger_layer_norm(x, weight, b, eps)
+
+
+def liger_rope(q, k, cos, sin):
+    # the kernels index rows of contiguous memory: our q/k are transposed views
+    return _functional().liger_rope(q.contiguous(), k.contiguous(), cos[None], sin[None])
+
+
+def liger_swiglu(gate, up):
+    return _functional().liger_swiglu(gate.contiguous(), up.contiguous())
+
+
+def liger_geglu(gate, up):
+    return _functional().liger_geglu(gate.contiguous(), up.contiguous())
+
+
+@functools.cache
+def _ce_module(ignore_index):
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    kw = {"inplace": False} if "inplace" in inspect.signature(LigerCrossEntropyLoss).parameters else {}
+    return LigerCrossEntropyLoss(ignore_index=ignore_index, **kw), bool(kw)
+
+
+def liger_cross_entropy(logits, targets, ignore_index):
+    loss, safe = _ce_module(ignore_index)
+    # without inplace=False Liger writes the gradient into its input during forward
+    return loss(logits if safe else logits.clone(), targets)
+
+
+@functools.cache
+def _flce_module(ignore_index):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, accum_dtype=torch.float32)
+
+
+@torch.compiler.disable  # fails inside a compiled region (torch 2.11, liger-kernel 0.8.5)
+def liger_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 4096):
+    return _flce_module(ignore_index)(weight, x, targets)   # Liger takes the weight first
+
+
+LIGER = {"rms_norm": liger_rms_norm, "layer_norm": liger_layer_norm, "rope": liger_rope,
+         "swiglu": liger_swiglu, "geglu": liger_geglu, "cross_entropy": liger_cross_entropy,
+         "linear_cross_entropy": liger_linear_cross_entropy}
+
+
+# ----- selection
+
+# looked up once (find_spec does not import it): a constant torch.compile can trace past
+LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_installed() -> bool:
+    return LIGER_INSTALLED
+
+
+def can_run(device: torch.device) -> bool:
+    return device.type == "cuda" and LIGER_INSTALLED
+
+
+_AUTO: dict[tuple, str] = {}   # (op, device, dtype, shapes, statics) -> "torch" | "liger"
+
+
+def _key(op, args):
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    statics = tuple(a for a in args if not isinstance(a, torch.Tensor) and a is not None)
+    return (op, str(tensors[0].device), tensors[0].dtype, tuple(tuple(t.shape) for t in tensors), statics)
+
+
+def _fresh(args):
+    """Random stand-ins for args (same shapes and dtypes; ids stay ids), with grads where needed."""
+    out = []
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            out.append(a)
+        elif a.is_floating_point():
+            out.append(torch.randn_like(a).requires_grad_(a.requires_grad))
+        else:
+            out.append(a.clone())
+    return out
+
+
+def _time(fn, args, reps: int = 5) -> float:
+    best = float("inf")
+    for _ in range(reps + 1):   # the first call warms up (Triton compiles there)
+        xs = _fresh(args)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*xs)
+        out = out if isinstance(out, tuple) else (out,)
+        grads = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+        if grads:
+            torch.autograd.backward([o.float().sum() for o in out], inputs=grads)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.enable_grad()  # a first call under no_grad (evaluation) still times the backward
+def benchmark(op: str, args) -> str:
+    """'liger' or 'torch', whichever runs op's forward + backward faster on these shapes."""
+    return "liger" if _time(LIGER[op], args) < _time(TWINS[op], args) else "torch"
+
+
+def choose(op: str, impl: str, args) -> str:
+    if impl == "torch":
+        return "torch"
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if impl == "liger":
+        if not can_run(device):
+            raise RuntimeError(f"impl liger for {op} needs CUDA and liger-kernel "
+                               f"(device {device}, liger-kernel installed: {liger_installed()})")
+        return "liger"
+    if not can_run(device):
+        return "torch"
+    key = _key(op, args)
+    if key not in _AUTO:
+        if torch.compiler.is_compiling():
+            return "torch"   # never benchmark while tracing; an eager call decides first
+        _AUTO[key] = benchmark(op, args)
+    return _AUTO[key]
+
+
+def run(op: str, impl: str, *args):
+    """op(*args) by the backend `impl` selects (see the module docstring)."""
+    fn = LIGER[op] if choose(op, impl, args) == "liger" else TWINS[op]
+    return fn(*args)

@@ -1,0 +1,242 @@
+"""Kernel backends (architectures.md §6): the plain-PyTorch twins against reference math on CPU,
+`impl: auto` falling back to the twin without CUDA (and never importing liger_kernel there), and
+on the GPU every Liger op against its twin, the fused linear cross-entropy, and a loss curve."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blocks
+import graphs
+from blocks import liger
+from blocks.attention import apply_rope, rope_tables
+from blocks.kinds import hidden, logits, tokens
+from blocks.registry import Context
+from graphs.elaborate import elaborate
+from graphs.errors import Locator
+from graphs.values import make_config
+
+from conftest import ROOT
+
+IMPL_BLOCKS = [("rmsnorm", {}, [hidden(16)]), ("layernorm", {}, [hidden(16)]),
+               ("swiglu", {"hidden": 24}, [hidden(16)]), ("geglu", {"hidden": 24}, [hidden(16)]),
+               ("attention", {"heads": 4, "rope": True}, [hidden(16)]),
+               ("cross_entropy", {}, [logits(50), tokens(50)]),
+               ("linear_cross_entropy", {"vocab": 50, "chunk": 5}, [hidden(16), tokens(50)])]
+
+
+def build(name, params, ins, impl, device="cpu", seed=0):
+    cls = blocks.REGISTRY[name]
+    cfg = make_config(cls.Config, {**params, "impl": impl}, {}, Locator("<test>"), ())
+    with torch.device(device):
+        m = cls(cfg, ins, Context(node="x", layer=0, n_layer=1, seq_len=8))
+    m.init_weights(torch.Generator(device=device).manual_seed(seed))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, device=device, generator=torch.Generator(device=device)
+                               .manual_seed(seed + 1)) * 0.1)
+    return m
+
+
+def inputs(ins, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for k in ins:
+        if k.name == "tokens":
+            t = torch.randint(0, k.vocab, (2, 8), device=device, generator=g)
+            t[0, :2] = -1   # ignored targets present
+            out.append(t)
+        else:
+            width = k.width if k.name == "hidden" else k.vocab
+            out.append(torch.randn(2, 8, width, device=device, dtype=dtype, generator=g,
+                                   requires_grad=True))
+    return out
+
+
+@pytest.mark.parametrize("name,params,ins", IMPL_BLOCKS, ids=[b[0] for b in IMPL_BLOCKS])
+def test_auto_falls_back_to_the_twin_without_cuda(name, params, ins):
+    a, t = build(name, params, ins, "auto"), build(name, params, ins, "torch")
+    xs = inputs(ins)
+    torch.testing.assert_close(a(*xs), t(*xs), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        build(name, params, ins, "liger")(*xs)
+    assert "liger_kernel" not in sys.modules   # imported lazily, only where a Liger path runs
+
+
+def test_rope_twin_equals_apply_rope():
+    cos, sin = rope_tables(8, 16, 10000.0)
+    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    tq, tk = liger.torch_rope(q, k, cos, sin)
+    torch.testing.assert_close(tq, apply_rope(q, cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(tk, apply_rope(k, cos, sin), rtol=0, atol=0)
+
+
+def test_geglu_is_tanh_gelu_gate_times_up():
+    m = build("geglu", {"hidden": 24}, [hidden(16)], "torch")
+    x = torch.randn(2, 8, 16)
+    gate, up = F.linear(x, m.fc.weight).chunk(2, -1)
+    want = F.linear(0.5 * gate * (1 + torch.tanh(0.7978845608 * (gate + 0.044715 * gate ** 3))) * up,
+                    m.proj.weight)
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_chunked_linear_cross_entropy_twin_equals_linear_then_cross_entropy(chunk):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[::5] = -1
+    loss = liger.torch_linear_cross_entropy(x, w, t, -1, chunk)
+    ref = F.cross_entropy(x @ w.T, t, ignore_index=-1)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_linear_cross_entropy_block_ties_and_matches_head_plus_loss():
+    base = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=["vocab_size=512"])
+    fused = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=["vocab_size=512",
+        ("nodes.loss={type: linear_cross_entropy, in: [norm, targets], vocab: vocab_size, tie: tok,"
+         " chunk: 40}")])
+    m0 = graphs.build(elaborate(base.resolve()), seed=0)
+    m1 = graphs.build(elaborate(fused.resolve()), seed=0)
+    missing, unexpected = m1.load_state_dict(m0.state_dict(), strict=False)
+    assert set(missing) <= {"loss.weight"} and set(unexpected) <= {"head.weight"}
+    assert m1.loss.weight is m1.tok.weight
+    x = torch.randint(0, 512, (2, 64))
+    tg = x.roll(-1, 1)
+    tg[:, :3] = -1
+    (_, loss0), (_, loss1) = m0(x, tg), m1(x, tg)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    loss0.backward()
+    loss1.backward()
+    torch.testing.assert_close(m1.tok.weight.grad, m0.tok.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+# ----- GPU: Liger against the twins
+
+CUDA_CASES = [("rmsnorm", {}, [hidden(256)]), ("rmsnorm", {"gain": False}, [hidden(256)]),
+              ("layernorm", {"eps": 1e-5}, [hidden(256)]), ("layernorm", {"bias": False}, [hidden(256)]),
+              ("swiglu", {"hidden": 512}, [hidden(256)]), ("geglu", {"hidden": 512}, [hidden(256)]),
+              ("attention", {"heads": 4, "kv_heads": 2, "rope": True}, [hidden(256)]),
+              ("cross_entropy", {}, [logits(4096), tokens(4096)]),
+              ("linear_cross_entropy", {"vocab": 4096}, [hidden(256), tokens(4096)])]
+TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,params,ins", CUDA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CUDA_CASES)])
+def test_liger_matches_the_twin_forward_and_backward(name, params, ins, dtype):
+    outs, grads = [], []
+    for impl in ("liger", "torch"):
+        m = build(name, params, ins, impl, device="cuda").to(dtype)
+        xs = inputs(ins, device="cuda", dtype=dtype)
+        y = m(*xs)
+        y.float().square().sum().backward() if y.dim() else y.backward()
+        outs.append(y.float())
+        grads.append([t.grad.float() for t in xs if t.is_floating_point()]
+                     + [p.grad.float() for p in m.parameters()])
+    tol = TOLS[dtype]
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction_rows", [4096, 1000])
+def test_fused_linear_cross_entropy_matches_linear_then_ce_at_32k_vocab(reduction_rows):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(reduction_rows, 256, device="cuda", generator=g, requires_grad=True)
+    w = (torch.randn(32768, 256, device="cuda", generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, 32768, (reduction_rows,), device="cuda", generator=g)
+    t[::7] = -1
+    loss = liger.liger_linear_cross_entropy(x, w, t, -1)
+    ref = F.cross_entropy(x @ w.T, t, ignore_index=-1)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_liger_cross_entropy_leaves_logits_that_other_ops_read_intact():
+    lg = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    y = lg * 2.0
+    loss = liger.liger_cross_entropy(y, t, -1) + y.softmax(-1)[:, 0].sum()
+    ref = F.cross_entropy(y, t) + y.softmax(-1)[:, 0].sum()
+    torch.testing.assert_close(loss, ref)
+    (g,) = torch.autograd.grad(loss, lg)
+    (r,) = torch.autograd.grad(ref, lg)
+    torch.testing.assert_close(g, r)
+
+
+@pytest.mark.gpu
+def test_auto_benchmarks_once_per_shape_and_caches():
+    liger._AUTO.clear()
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    w = torch.ones(1024, device="cuda", requires_grad=True)
+    liger.run("rms_norm", "auto", x, w, 1e-6)
+    assert len(liger._AUTO) == 1 and next(iter(liger._AUTO.values())) in ("torch", "liger")
+    liger.run("rms_norm", "auto", x, w, 1e-6)
+    assert len(liger._AUTO) == 1
+
+
+LIGER_SETS = [f"nodes.layers.body.{n}.impl=liger" for n in ("attn_norm", "attn", "mlp_norm", "mlp")] + [
+    "nodes.norm.impl=liger", "nodes.loss.impl=liger"]
+
+
+@pytest.mark.gpu
+def test_200_step_loss_curve_with_liger_matches_the_twin():
+    curves = []
+    for sets in ([], LIGER_SETS):
+        g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=sets)
+        m = graphs.build(elaborate(g.resolve()), seed=0).cuda()
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(200):
+            x = torch.randint(0, 1000, (8, 64), generator=gen).cuda()
+            with torch.autocast("cuda", torch.bfloat16):
+                _, loss = m(x, x.roll(-1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert curves[0][-20:].mean() < curves[0][:5].mean() - 1.0   # it learns
+    assert (curves[0] - curves[1]).abs()[-50:].mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_liger_ops_inside_a_compiled_model_match_eager():
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=LIGER_SETS)
+    m = graphs.build(elaborate(g.resolve()), seed=0).cuda()
+    x = torch.randint(0, 1000, (4, 64), device="cuda")
+    ref_logits, ref_loss = m(x, x.roll(-1, 1))
+    logits, loss = torch.compile(m)(x, x.roll(-1, 1))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_linear_cross_entropy_block_under_compile():
+    """The fused loss runs in eager between compiled pieces (torch.compiler.disable)."""
+    sets = [("nodes.loss={type: linear_cross_entropy, in: [norm, targets], vocab: vocab_size, "
+             "tie: tok, impl: liger}")]
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=sets)
+    m = graphs.build(elaborate(g.resolve()), seed=0).cuda()
+    x = torch.randint(0, 1000, (4, 64), device="cuda")
+    _, ref = m(x, x.roll(-1, 1))
+    _, loss = torch.compile(m)(x, x.roll(-1, 1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(m.tok.weight.grad).all()
