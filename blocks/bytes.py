@@ -12,31 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from blocks.kinds import KindError, byte_ids, expect, expect_count, hidden, patch_map
+from blocks.kinds import KindError, expect, expect_count, hidden, patch_map
 from blocks.registry import Block, param, register
-
-
-@register
-class PatchFixed(Block):
-    """Fixed-stride patching: byte i belongs to patch i // stride."""
-
-    type_name, family = "patch_fixed", "bytes"
-    example = ({"stride": 3}, [byte_ids()])  # for the registry's smoke test
-    inputs = ("bytes",)
-
-    @dataclass(frozen=True)
-    class Config:
-        stride: int = param(doc="bytes per patch", min=1, max=1 << 16)
-
-    @classmethod
-    def infer(cls, cfg, ins):
-        expect_count(ins, 1)
-        expect(ins, 0, "bytes")
-        return (patch_map(),)
-
-    def forward(self, ids):
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        return (pos // self.cfg.stride).unsqueeze(0).expand(ids.shape[0], -1)
 
 
 def _bytes_and_map(ins, seq):
@@ -69,14 +46,18 @@ class PatchPool(Block):
 
     def forward(self, x, pmap):
         b, _, d = x.shape
-        idx = pmap.clamp(max=self.cfg.max_patches - 1).unsqueeze(-1).expand(-1, -1, d)
-        out = x.new_zeros(b, self.cfg.max_patches, d)
-        return out.scatter_reduce(1, idx, x, reduce=self.cfg.reduce, include_self=False)
+        # bytes of patches past the last slot go to a discarded extra slot: merging them into the
+        # last slot would let earlier bytes read later ones through the decoder
+        m = self.cfg.max_patches
+        idx = pmap.clamp(max=m).unsqueeze(-1).expand(-1, -1, d)
+        out = x.new_zeros(b, m + 1, d)
+        return out.scatter_reduce(1, idx, x, reduce=self.cfg.reduce, include_self=False)[:, :m]
 
 
 @register
 class PatchUnpool(Block):
-    """Patch states -> byte states: a byte in patch p receives patch p - 1 (zeros for p = 0)."""
+    """Patch states -> byte states: a byte in patch p receives patch p - 1 (zeros for p = 0);
+    fed a patcher's `next` map, the prediction at byte t receives the patch before its target's."""
 
     type_name, family = "patch_unpool", "bytes"
     example = ({}, [hidden(16, "patch"), patch_map()])  # for the registry's smoke test
@@ -93,6 +74,11 @@ class PatchUnpool(Block):
 
     def forward(self, x, pmap):
         d = x.shape[-1]
-        shifted = torch.cat([x.new_zeros(x.shape[0], 1, d), x[:, :-1]], dim=1)
-        idx = pmap.clamp(max=x.shape[1] - 1).unsqueeze(-1).expand(-1, -1, d)
+        # slot p + 1 of `shifted` is patch p; bytes past the last slot read the last slot
+        shifted = torch.cat([x.new_zeros(x.shape[0], 1, d), x], dim=1)
+        idx = pmap.clamp(max=x.shape[1]).unsqueeze(-1).expand(-1, -1, d)
         return shifted.gather(1, idx)
+
+
+# the other BLT families register on import of this module (blocks/__init__ imports `bytes`)
+from blocks import blt_cross, blt_hash, blt_patch  # noqa: F401

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blocks.blt_patch import patch_stats
 from graphs.compile import compile_model
 from search import checkpoint
 from search.compile_cache import CompileCache, cache_key, graph_cache_counts
@@ -230,7 +231,9 @@ class Trainer:
         t0 = time.perf_counter()
         stop = False
         if s.dist.main:
+            patch_stats(s.model)  # BLT graphs: count patches over the validation span only
             metrics = evaluate(s.model, s.val, s.autocast)
+            metrics.update(patch_stats(s.model))
             self.r.val_loss, self.r.val_bpb = metrics["val/loss"], metrics["val/bpb"]
             self.r.eval_s += time.perf_counter() - t0
             metrics["time/eval_s"] = self.r.eval_s
