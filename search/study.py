@@ -156,6 +156,8 @@ class Objective:
         started = time.time()
         trial.set_user_attr("started", started)
         trial.set_user_attr("pid", os.getpid())
+        if torch.cuda.is_available():  # what earlier trials of this worker left on the device
+            trial.set_user_attr("cuda_bytes_at_start", torch.cuda.memory_allocated())
         try:
             return self._run(trial, study, started)
         finally:
@@ -199,13 +201,22 @@ class Objective:
                         parent_run_id=cfg.parent_run_id, tracking_uri=cfg.tracking_uri,
                         progress=False, checkpoint=True, out=f"runs/{cfg.study}/trial-{trial.number}",
                         tags={"optuna.study": cfg.study, "optuna.trial": str(trial.number)})
+        failure = None
         try:
             result = run_training(run, on_eval=self._on_eval(trial, started))
         except Exception as e:
             trial.set_user_attr("status", "failed")
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
-            raise TrialFailed(f"trial {trial.number} failed: {type(e).__name__}: {e}") from e
+            failure = f"trial {trial.number} failed: {type(e).__name__}: {e}"
+            # The frames of a failed run hold its model, optimiser and activations (after a CUDA
+            # out-of-memory error, all of the device): drop them before the next trial starts.
+            traceback.clear_frames(e.__traceback__)
+        if failure is not None:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise TrialFailed(failure)
         self._record(trial, result)
         if result.status == "pruned":
             raise optuna.TrialPruned(trial.user_attrs.get("prune_reason", "pruned by the pruner"))

@@ -50,13 +50,16 @@ class RunResult:
 
 
 def _fault(trial: str | None = None) -> tuple[str, int] | None:
-    """Fault injection for tests of containment: PLAYGROUND_FAULT=nan@STEP or raise@STEP, or a
-    comma list of TRIAL:KIND@STEP entries that apply only to that Optuna trial number."""
+    """Fault injection for tests of containment: PLAYGROUND_FAULT=nan@STEP, raise@STEP or oom@STEP
+    (a real allocator out-of-memory: device memory is filled in 1 GiB blocks, held by the step's
+    frame, until the allocator refuses), or a comma list of TRIAL:KIND@STEP entries that apply
+    only to that Optuna trial number."""
     for spec in filter(None, os.environ.get("PLAYGROUND_FAULT", "").split(",")):
         target, _, rule = spec.rpartition(":")
         kind, _, step = rule.partition("@")
-        if kind not in ("nan", "raise") or not step.isdigit():
-            raise ValueError(f"PLAYGROUND_FAULT={spec!r}: expected [TRIAL:]nan@STEP or raise@STEP")
+        if kind not in ("nan", "raise", "oom") or not step.isdigit():
+            raise ValueError(f"PLAYGROUND_FAULT={spec!r}: expected [TRIAL:]KIND@STEP, KIND one of "
+                             "nan, raise, oom")
         if not target or target == trial:
             return kind, int(step)
     return None
@@ -132,6 +135,10 @@ class Trainer:
                 if self.fault and self.r.step >= self.fault[1]:
                     if self.fault[0] == "raise":
                         raise RuntimeError(f"injected failure at step {self.r.step} (PLAYGROUND_FAULT)")
+                    if self.fault[0] == "oom":
+                        hog = [loss]
+                        while True:  # ends in the allocator's OutOfMemoryError
+                            hog.append(torch.empty(1 << 30, dtype=torch.uint8, device=s.device))
                     loss = loss * float("nan")
                 (loss / s.accum).backward()
             detached = loss.detach().float()
