@@ -77,6 +77,32 @@ def device_shares(study, used: float) -> dict[str, float]:
     return {k: 100 * v / max(used, 1e-9) for k, v in part.items()}
 
 
+def late_rises(study, rel: float = 0.05) -> list[tuple]:
+    """Completed trials whose final evaluation is more than `rel` worse than the best one they
+    reached earlier: (trial, best value, its tokens, final value, final tokens). On a corpus that
+    a trial's budget passes over many times the validation score rises again (overfitting), and
+    the study ranks such trials by a number worse than they reached: the summary says so."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        iv = sorted(t.intermediate_values.items())
+        if t.state.name != "COMPLETE" or len(iv) < 2 or "duplicate_of" in t.user_attrs:
+            continue
+        (best_at, best), (last_at, last) = min(iv, key=lambda kv: kv[1]), iv[-1]
+        if best_at < last_at and last > best * (1 + rel):
+            out.append((t.number, best, best_at, last, last_at))
+    return out
+
+
+def _rise_warning(rises: list[tuple], completed: int, objective: str) -> str:
+    n, best, best_at, last, last_at = max(rises, key=lambda r: r[3] / r[1])
+    return (f"warning: {objective} rose again late in {len(rises)} of {completed} completed trials "
+            f"(trial {n}: {best:.4f} at {best_at / 1e6:.1f}M tokens, then {last:.4f} at "
+            f"{last_at / 1e6:.1f}M): they overfit the training data (a small corpus seen many "
+            f"times) or became unstable. Trials are ranked by their final value, so this study "
+            f"compares overtrained models: train on more data (--data) or use a shorter "
+            f"--trial-budget.")
+
+
 def summary(cfg: StudyConfig, study) -> str:
     rs = rows(study)
     best = {t.number for t in front(study)}
@@ -99,6 +125,10 @@ def summary(cfg: StudyConfig, study) -> str:
                  f"{used:.0f}s of {cfg.budget_s:.0f}s, {share['train']:.0f}% of it in training steps "
                  f"(compile {share['compile']:.0f}%, evaluation {share['eval']:.0f}%, set-up, "
                  f"checkpoints and tracking {share['other']:.0f}%); {rate:.0f} trials per device-hour")
+    rises = late_rises(study)
+    if rises:
+        completed = sum(1 for r in rs if r["state"] == "COMPLETE")
+        lines.append(_rise_warning(rises, completed, cfg.objective))
     if cfg.also and best:
         lines += ["", *front_table(cfg, study)]
     if "seeds" in study.user_attrs:

@@ -56,3 +56,22 @@ def test_device_time_is_split_into_training_compile_evaluation_and_the_rest():
     assert s["compile"] == pytest.approx(100 * 6 / 60.5) and s["eval"] == pytest.approx(100 * 4 / 60.5)
     assert s["other"] == pytest.approx(100 * 10.5 / 60.5)
     assert sum(s.values()) == pytest.approx(100)
+
+
+def test_a_score_that_rises_again_late_is_called_out_in_the_summary():
+    from optuna.distributions import FloatDistribution
+    from search.report import late_rises, summary
+    study = optuna.create_study()
+    curves = {0: {57: 1.605, 113: 1.945, 228: 2.699},   # the GPU study's overfit baseline
+              1: {50: 1.90, 100: 1.70, 200: 1.62},      # still improving
+              2: {50: 1.50, 100: 1.52, 200: 1.55}}      # flat within 5%: not called out
+    for n, curve in curves.items():
+        study.add_trial(optuna.trial.create_trial(
+            value=list(curve.values())[-1], intermediate_values={k * 10**6: v for k, v in curve.items()},
+            params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-4, 1e-2)},
+            user_attrs={"graph": "gpt2", "graph_hash": f"h{n}", "device_s": 10.0, "train_s": 8.0}))
+    assert [r[0] for r in late_rises(study)] == [0]
+    cfg = StudyConfig(files=[GPT2], study="s", storage="sqlite://")
+    text = summary(cfg, study)
+    assert "rose again late in 1 of 3 completed trials" in text
+    assert "trial 0: 1.6050 at 57.0M tokens, then 2.6990 at 228.0M" in text
