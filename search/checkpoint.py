@@ -8,8 +8,10 @@ temporary folder, fsynced, renamed into place, and only then does the small `lat
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +25,24 @@ KEEP = 2
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, truncated or does not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, ...); nothing of it is left
+    behind and the previous checkpoint is intact. `errno` is the operating system's error."""
+
+
+def _write_failure(e: BaseException, name: str, run_dir: Path) -> CheckpointWriteError:
+    """safetensors reports a failed write as its own error type, with the OS error number in
+    the text ('... (os error 28)'); OSError carries it as errno."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else errno.EIO
+    prev = latest(run_dir)
+    return CheckpointWriteError(code, f"could not write checkpoint {name} in {run_dir}: "
+                                      f"{os.strerror(code)}; the previous checkpoint "
+                                      f"({prev.name if prev else 'none'}) is intact")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,8 +107,10 @@ def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise _write_failure(e, name, run_dir) from e
         raise
     pointer = run_dir / ".latest.tmp"
     pointer.write_text(name + "\n")
