@@ -2,9 +2,16 @@
 
 Metrics are appended to `local_dir/metrics.jsonl` (written on the calling thread, on disk within
 ~2 s and at `end()`) and sent to MLflow by a background thread, so a training step never waits for
-the store and nothing is lost without it. MLflow is best effort: the first failure to reach the
-store gives one `TrackingWarning` and the run goes on offline, where everything but the jsonl is a
-no-op. `mlflow` is imported only inside functions, so importing this module is cheap.
+the store and nothing is lost without it. MLflow is best effort. A store that cannot be reached at
+`start()` leaves the run local-only. One lost mid-run gives one `TrackingWarning`; the run goes
+on, the flusher holds what it could not send (metrics up to `BACKLOG_LIMIT` values, then the
+oldest stay in the jsonl only; params, tags and artifacts in call order) and asks every
+`RETRY_EVERY_S` whether the store is back (a `GET /health` of a server, bounded by
+`HEALTH_TIMEOUT_S`). When it is, the backlog goes out in batches, in logging order, and one line on
+stderr says so. Re-sending is safe: a metric keeps the timestamp it was logged with, and MLflow's
+SQL stores drop a (key, value, timestamp, step) they already hold. `end()` waits at most
+`END_TIMEOUT_S` and says how many metric values stayed local-only. `mlflow` is imported only
+inside functions, so importing this module is cheap.
 """
 from __future__ import annotations
 
@@ -16,12 +23,14 @@ import posixpath
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Mapping
 from contextlib import contextmanager, suppress
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +45,12 @@ PROBE_TIMEOUT_S = 3.0  # start(): a server that takes no TCP connection in this 
 # server migrates its database on the first request (5-8 s on a 2-core machine)
 START_TIMEOUT_S = 15.0
 END_TIMEOUT_S = 10.0  # end() waits this long for the last metrics, tags and status
+# offline mid-run: how often the flusher asks whether the store is back, how long it waits for the
+# answer, and what it holds meanwhile (a held value costs ~150 bytes; the jsonl has them all)
+RETRY_EVERY_S = 5.0
+HEALTH_TIMEOUT_S = 2.0
+BACKLOG_LIMIT = 100_000  # metric values
+HELD_CALLS_LIMIT = 1_000  # params, tags and artifact calls
 SQLITE_TIMEOUT_S = 30  # sqlite3 busy timeout, also covering MLflow's schema migration
 # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) keep retrying a dead server
 # for about 4 minutes; with these a refused request fails in about 3 s, so a server that dies
@@ -158,6 +173,14 @@ class Tracker:
         self._lock = threading.Lock()
         self._pending: deque = deque()  # (timestamp_ms, step, {key: value}) waiting for the flusher
         self._queued = 0
+        # the flusher's own: (key, value, timestamp_ms, step) to send, oldest first
+        self._held: deque = deque()
+        self._held_calls: list = []  # (what, client method, args, kwargs) made while offline
+        self._dropped = self._dropped_calls = 0  # over the limits: never sent
+        self._down_since = self._next_try = 0.0
+        self._recovered_before = 0
+        self.recovered = 0  # metric values sent after an outage
+        self.outages: list[float] = []  # seconds each outage the run came back from lasted
         self._key_ok: dict[str, bool] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
 
@@ -167,8 +190,14 @@ class Tracker:
 
     @property
     def offline(self) -> bool:
-        """True once MLflow failed (or was never used: disabled, not started)."""
+        """True while MLflow cannot be reached (or for good: disabled, not started, failed at start)."""
         return self._client is None or self._offline
+
+    @property
+    def local_only(self) -> int:
+        """Metric values not (yet) sent: those over the backlog limit and those still held."""
+        queued = sum(len(values) for _, _, values in list(self._pending))
+        return self._dropped + len(self._held) + queued
 
     # ---- lifecycle
 
@@ -207,16 +236,22 @@ class Tracker:
         return self
 
     def end(self, status: str = "completed") -> None:
-        """Flush (bounded wait), tag `status` with our word and terminate the run."""
+        """Flush (bounded wait), tag `status` with our word and terminate the run; still offline,
+        say on stderr how many metric values stayed local-only (the run stays RUNNING in MLflow)."""
         word, mlflow_status = _status(status)
         if self._state != "running":
             self._state = "ended"
             return
         self._state = "ended"
-        self._stop.set()  # the flusher sends what is queued and exits
+        self._stop.set()  # the flusher sends what is queued (offline: tries once more) and exits
         self._wake.set()
-        if not self.offline and not _bounded(lambda: self._finish(word, mlflow_status), END_TIMEOUT_S):
-            self._go_offline("end", TimeoutError(f"no answer in {END_TIMEOUT_S:g} s"))
+        if self._client is not None:
+            if not _bounded(lambda: self._finish(word, mlflow_status), END_TIMEOUT_S):
+                self._go_offline("end", TimeoutError(f"no answer in {END_TIMEOUT_S:g} s"))
+            if self._offline:
+                _say(f"MLflow tracking at {self.tracking_uri} still offline at the run's end: "
+                     f"{self.local_only} metric values stayed local-only (the jsonl has them all: "
+                     f"{self.jsonl}){self._calls_note()}; the run stays RUNNING in MLflow")
         self._file.close()
 
     def __enter__(self) -> Tracker:
@@ -243,7 +278,7 @@ class Tracker:
         self._file.write(json.dumps({"step": step, "time": now, "metrics": values}) + "\n")
         if self._flusher is None:
             self._file.flush()
-        elif not self._offline:
+        else:  # online or not, the flusher decides what to do with them
             if not all(map(self._sendable, values)):
                 values = {k: v for k, v in values.items() if self._key_ok[k]}
             self._pending.append((int(now * 1000), int(step), values))
@@ -251,38 +286,40 @@ class Tracker:
             if self._queued >= METRICS_PER_BATCH:
                 self._wake.set()
 
-    # params, tags and artifacts go to MLflow only: no-ops when disabled, offline or not started
+    # params, tags and artifacts go to MLflow only: no-ops without a run (disabled, not started,
+    # failed at start), held while the store is unreachable
 
     def log_params(self, params: Mapping) -> None:
         """Flattened to dotted keys, stringified, long values truncated, in batches of 100."""
-        if self.offline:
+        if self._client is None:
             return
         Param = self._mlflow["Param"]
         flat = flatten(params).items()
         items = [Param(k, truncate(v, PARAM_VALUE_LIMIT)) for k, v in flat if self._sendable(k)]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
-            self._call("log_params", self._client.log_batch, self._run_id, params=chunk)
+            self._send("log_params", "log_batch", params=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.offline:
+        if self._client is None:
             return
         RunTag = self._mlflow["RunTag"]
         items = [RunTag(k, truncate(str(v), TAG_VALUE_LIMIT)) for k, v in tags.items() if self._sendable(k)]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
-            self._call("set_tags", self._client.log_batch, self._run_id, tags=chunk)
+            self._send("set_tags", "log_batch", tags=chunk)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if not self.offline:
-            self._call("log_text", self._client.log_text, self._run_id, text, artifact_file)
+        if self._client is not None:
+            self._send("log_text", "log_text", text, artifact_file)
 
     def log_dict(self, d: Mapping, artifact_file: str) -> None:
         """JSON or YAML by the file's extension."""
-        if not self.offline:
-            self._call("log_dict", self._client.log_dict, self._run_id, dict(d), artifact_file)
+        if self._client is not None:
+            self._send("log_dict", "log_dict", dict(d), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.offline:
-            self._call("log_artifact", self._client.log_artifact, self._run_id, str(path), artifact_path)
+        """Held while offline as a path: the file is read when the store is back."""
+        if self._client is not None:
+            self._send("log_artifact", "log_artifact", str(path), artifact_path)
 
     # ---- MLflow side
 
@@ -370,14 +407,19 @@ class Tracker:
         except Exception:  # noqa: BLE001 - context tags are a nicety
             return tags
 
-    def _start_system_metrics(self) -> None:
-        """MLflow's own monitor (what `start_run(log_system_metrics=True)` starts): `system/...`."""
+    def _start_system_metrics(self, resume: bool = False) -> None:
+        """MLflow's own monitor (what `start_run(log_system_metrics=True)` starts): `system/...`.
+        It stops for good at its first failure, so a run back from an outage starts another that
+        goes on from the last step logged (`resume`)."""
         if not self.system_metrics or importlib.util.find_spec("psutil") is None:
+            return
+        if resume and (self._monitor is None or _alive(self._monitor)):
             return
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self._run_id, tracking_uri=self._store_uri)
+            self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=resume,
+                                                 tracking_uri=self._store_uri)
             self._monitor.start()
         except Exception as exc:  # noqa: BLE001
             self._monitor = None
@@ -388,54 +430,134 @@ class Tracker:
         if self._monitor is not None:
             self._monitor.finish()
         self.set_tags({"status": word})
-        self._call("end", self._client.set_terminated, self._run_id, mlflow_status)
+        if not self._offline:
+            self._call("end", self._client.set_terminated, self._run_id, mlflow_status)
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(FLUSH_INTERVAL_S)
             self._wake.clear()
             self._flush()
-        self._flush()
+        self._flush(last=True)
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
         # the jsonl is written out here, not per call: a write syscall on the training thread
         # releases the GIL, and getting it back from a busy flusher costs up to the 5 ms switch
         # interval (measured: 40-130 us per log_metrics call with an 8 KiB buffer, 10 us without)
         with suppress(ValueError):  # closed by an end() that stopped waiting for us
             self._file.flush()
         self._queued = 0
-        Metric, batch = self._mlflow["Metric"], []
         while self._pending:
             timestamp, step, values = self._pending.popleft()
-            batch.extend(Metric(k, v, timestamp, step) for k, v in values.items())
-        for chunk in _chunks(batch, METRICS_PER_BATCH):
-            self._call("log_metrics", self._client.log_batch, self._run_id, metrics=chunk)
-
-    def _call(self, what: str, fn: Callable, *args, **kwargs) -> Any:
-        """Every MLflow call after start: a refused request warns; any other failure goes offline."""
+            self._held.extend((k, v, timestamp, step) for k, v in values.items())
         if self._offline:
-            return None
+            over = len(self._held) - BACKLOG_LIMIT
+            for _ in range(over):  # the oldest go: what is held stays one unbroken stretch
+                self._held.popleft()
+            self._dropped += max(over, 0)
+            if not (last or time.monotonic() >= self._next_try):
+                return
+            self._next_try = time.monotonic() + RETRY_EVERY_S
+            if not self._store_answers():
+                return
+        if self._send_held() and self._offline:
+            self._recover()
+
+    def _send_held(self) -> bool:
+        """Held metrics out in batches, oldest first; a batch leaves the queue once the store took it."""
+        Metric = self._mlflow["Metric"]
+        while self._held:
+            batch = list(islice(self._held, METRICS_PER_BATCH))
+            metrics = [Metric(k, v, timestamp, step) for k, v, timestamp, step in batch]
+            if not self._call("log_metrics", self._client.log_batch, self._run_id, metrics=metrics):
+                return False
+            for _ in batch:
+                self._held.popleft()
+            if self._offline:
+                self.recovered += len(batch)
+        return True
+
+    def _recover(self) -> None:
+        """The metrics went through: replay the calls made meanwhile, then go on online."""
+        with self._lock:
+            calls, self._held_calls = self._held_calls, []
+        for i, (what, method, args, kwargs) in enumerate(calls):
+            if not self._call(what, getattr(self._client, method), self._run_id, *args, **kwargs):
+                with self._lock:
+                    self._held_calls[:0] = calls[i:]
+                return
+        with self._lock:
+            if self._held_calls:  # made while we replayed: the next round sends them
+                return
+            self._offline = False
+        self.outages.append(time.monotonic() - self._down_since)
+        dropped = f", {self._dropped} over the backlog limit stayed local-only" if self._dropped else ""
+        _say(f"MLflow tracking at {self.tracking_uri} is back after {self.outages[-1]:.1f} s: sent "
+             f"{self.recovered - self._recovered_before} metric values held meanwhile{dropped}"
+             f"{self._calls_note()}")
+        self._start_system_metrics(resume=True)
+
+    def _store_answers(self) -> bool:
+        """A server is asked for its health (no MLflow retries); a local store, for the run."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return _healthy(self.tracking_uri, HEALTH_TIMEOUT_S)
         try:
-            return fn(*args, **kwargs)
+            self._client.get_run(self._run_id)
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def _send(self, what: str, method: str, *args, **kwargs) -> None:
+        """A client call on the run now, or held while offline (replayed in order on recovery)."""
+        for _ in range(2):  # a second time only if the store came back in between
+            with self._lock:
+                if self._offline:
+                    return self._hold((what, method, args, kwargs))
+            if self._call(what, getattr(self._client, method), self._run_id, *args, **kwargs):
+                return None
+        with self._lock:
+            return self._hold((what, method, args, kwargs))
+
+    def _hold(self, call: tuple) -> None:
+        if len(self._held_calls) < HELD_CALLS_LIMIT:
+            self._held_calls.append(call)
+        else:
+            self._dropped_calls += 1
+
+    def _calls_note(self) -> str:
+        n = len(self._held_calls) if self._offline else 0
+        parts = [f"{n} param, tag or artifact calls not sent"] if n else []
+        if self._dropped_calls:
+            parts.append(f"{self._dropped_calls} such calls over the limit dropped")
+        return "; " + ", ".join(parts) if parts else ""
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs) -> bool:
+        """Every MLflow call after start; False when the store could not be reached (now offline).
+        A refused request warns and counts as done: sending it again would not help."""
+        try:
+            fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            if getattr(exc, "error_code", None) in _REFUSED:
-                warnings.warn(f"MLflow refused {what}: {_brief(exc)}", TrackingWarning, stacklevel=3)
-            else:
+            if getattr(exc, "error_code", None) not in _REFUSED:
                 self._go_offline(what, exc)
-            return None
+                return False
+            warnings.warn(f"MLflow refused {what}: {_brief(exc)}", TrackingWarning, stacklevel=3)
+        return True
 
     def _go_offline(self, what: str, exc: BaseException) -> None:
         with self._lock:
             if self._offline:
                 return
             self._offline = True
-        self._pending.clear()
-        warnings.warn(
-            f"MLflow tracking at {self.tracking_uri} failed ({what}: {_brief(exc)}); the run goes on "
-            f"without it and its metrics are kept in {self.jsonl}",
-            TrackingWarning,
-            stacklevel=3,
-        )
+            self._down_since = time.monotonic()
+            self._next_try = self._down_since + RETRY_EVERY_S
+            self._recovered_before = self.recovered
+        if self._client is None or what == "end":
+            after = f"without it and its metrics are kept in {self.jsonl}"
+        else:
+            after = (f"and keeps its metrics in {self.jsonl}; they are sent when the store answers "
+                     f"again (asked every {RETRY_EVERY_S:g} s)")
+        warnings.warn(f"MLflow tracking at {self.tracking_uri} failed ({what}: {_brief(exc)}); the run "
+                      f"goes on {after}", TrackingWarning, stacklevel=3)
 
 
 def _status(status: str) -> tuple[str, str]:
@@ -450,6 +572,30 @@ def _status(status: str) -> tuple[str, str]:
 def _brief(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _say(message: str) -> None:
+    print(f"tracking: {message}", file=sys.stderr, flush=True)
+
+
+def _alive(monitor: Any) -> bool:
+    thread = getattr(monitor, "_process", None)  # MLflow's name for the monitor's thread
+    return thread is not None and thread.is_alive()
+
+
+def _healthy(uri: str, timeout: float) -> bool:
+    """Whether the server at `uri` answers `GET /health` within `timeout` seconds; any answer
+    but a server error counts (a proxy or an auth layer may not know the path)."""
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return True
+    except HTTPError as exc:
+        return exc.code < 500
+    except (OSError, ValueError):
+        return False
 
 
 def _quietly(fn: Callable, *args) -> None:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -16,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 import search.track
-from search.track import HTTP_ENV, PARAM_VALUE_LIMIT, Tracker, TrackingWarning, flatten
+from search.track import HTTP_ENV, METRICS_PER_BATCH, PARAM_VALUE_LIMIT, Tracker, TrackingWarning, flatten
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +216,11 @@ def test_server_that_never_answers_is_given_up_at_the_deadline(tmp_path, http_en
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_ENV["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 
 
-def test_store_lost_mid_run_goes_offline_with_one_warning(uri, tmp_path, monkeypatch):
+def test_store_lost_mid_run_goes_offline_with_one_warning(uri, tmp_path, monkeypatch, capfd):
+    # the store never comes back: one warning, the run goes on, and end() says what stayed local
+    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
+
     def gone(*args, **kwargs):
         raise ConnectionError("server went away")
 
@@ -227,8 +232,140 @@ def test_store_lost_mid_run_goes_offline_with_one_warning(uri, tmp_path, monkeyp
             for step in range(1, 300):
                 t.log_metrics({"train/loss": 1.0, "perf/a": 0.0, "perf/b": 0.0, "perf/c": 0.0}, step=step)
             t.set_tags({"after": "loss"})
+            time.sleep(0.5)  # a few retries, each failing again
+            began = time.perf_counter()
+    assert time.perf_counter() - began < 2
     assert t.offline and len(ours(caught)) == 1 and "server went away" in ours(caught)[0]
+    assert "sent when the store answers again" in ours(caught)[0]
     assert len(jsonl(t.jsonl)) == 300
+    sent = len(MlflowClient(uri).get_metric_history(t.run_id, "train/loss"))  # step 0, if in time
+    assert t.local_only == 1 + 299 * 4 - sent
+    err = capfd.readouterr().err
+    assert f"still offline at the run's end: {t.local_only} metric values stayed local-only" in err
+    assert "; 2 param, tag or artifact calls not sent;" in err  # the tag above and end()'s status tag
+    assert MlflowClient(uri).get_run(t.run_id).info.status == "RUNNING"
+
+
+class Outage:
+    """Makes `client.log_batch` fail from `begin()` to `over()`, and records the metric batches
+    sent after it. With `lost_answer` the first failure comes after the store took the batch, so a
+    re-send that duplicated metrics would show."""
+
+    def __init__(self, client, lost_answer=False):
+        self.client, self.real, self.calls, self.lost_answer = client, client.log_batch, 0, lost_answer
+        self.batches_after: list[list[int]] = []  # the steps of each
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1 and self.lost_answer:
+            self.real(*args, **kwargs)
+        raise ConnectionError("connection reset")
+
+    def begin(self):
+        self.client.log_batch = self
+
+    def over(self):
+        def record(*args, **kwargs):
+            if kwargs.get("metrics"):
+                self.batches_after.append([m.step for m in kwargs["metrics"]])
+            return self.real(*args, **kwargs)
+
+        self.client.log_batch = record
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_store_back_mid_run_gets_the_backlog_once_in_order(uri, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
+    keys = ["train/loss", "perf/tok_s"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracker(uri, tmp_path) as t:
+            outage = Outage(t._client, lost_answer=True)
+            for step in range(10):
+                t.log_metrics({k: float(step) for k in keys}, step=step)
+            wait_until(lambda: t.local_only == 0)
+            outage.begin()
+            for step in range(10, 600):
+                t.log_metrics({k: float(step) for k in keys}, step=step)
+            wait_until(lambda: t.offline)
+            t.log_params({"during": "outage"})
+            t.set_tags({"phase": "outage"})
+            t.log_text("held", "notes/outage.txt")
+            for step in range(600, 700):
+                t.log_metrics({k: float(step) for k in keys}, step=step)
+            time.sleep(0.3)
+            assert t.offline and outage.calls >= 2  # retried, failing, while the run went on
+            outage.over()
+            wait_until(lambda: not t.offline)
+            for step in range(700, 710):
+                t.log_metrics({k: float(step) for k in keys}, step=step)
+    assert len(ours(caught)) == 1 and "connection reset" in ours(caught)[0]
+    err = capfd.readouterr().err
+    assert err.count("is back after") == 1 and f"sent {t.recovered} metric values" in err
+    assert 2 * 100 <= t.recovered <= 2 * 700 and len(t.outages) == 1 and t.local_only == 0
+    # the backlog went out in full batches, oldest first, then the run's own flushes went on
+    sizes = [len(b) for b in outage.batches_after]
+    assert sum(sizes) == t.recovered + 2 * 10 and sizes[0] == METRICS_PER_BATCH, sizes
+    sent = [step for batch in outage.batches_after for step in batch]
+    assert sent == sorted(sent) and sent[-1] == 709
+    client = MlflowClient(uri)
+    for key in keys:
+        history = client.get_metric_history(t.run_id, key)
+        assert sorted(m.step for m in history) == list(range(710)), key  # each step exactly once
+        assert all(m.value == m.step for m in history)
+    run = client.get_run(t.run_id)
+    assert run.data.params["during"] == "outage" and run.data.tags["phase"] == "outage"
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "completed")
+    assert [f.path for f in client.list_artifacts(t.run_id, "notes")] == ["notes/outage.txt"]
+
+
+def test_backlog_is_bounded_and_the_oldest_stay_local(uri, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(search.track, "BACKLOG_LIMIT", 50)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with tracker(uri, tmp_path) as t:
+            outage = Outage(t._client)
+            outage.begin()
+            for step in range(200):
+                t.log_metrics({"train/loss": float(step)}, step=step)
+            wait_until(lambda: t.offline and t.local_only == 200)
+            time.sleep(0.2)  # the flusher trims to the limit
+            assert len(t._held) == 50
+            outage.over()
+            wait_until(lambda: not t.offline)
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(t.run_id, "train/loss")]
+    assert sorted(steps) == list(range(150, 200)) and t.local_only == 150 and t.recovered == 50
+    assert "sent 50 metric values held meanwhile, 150 over the backlog limit stayed local-only" \
+        in capfd.readouterr().err
+    assert len(jsonl(t.jsonl)) == 200
+
+
+def test_end_does_not_wait_for_a_store_that_hangs(uri, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(search.track, "END_TIMEOUT_S", 1.0)
+    release = threading.Event()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = tracker(uri, tmp_path).start()
+        monkeypatch.setattr(t._client, "log_batch", lambda *a, **k: release.wait(30))
+        for step in range(5):
+            t.log_metrics({"train/loss": 1.0}, step=step)
+        began = time.perf_counter()
+        t.end()
+        took = time.perf_counter() - began
+    release.set()
+    t._flusher.join(5)
+    assert 1.0 <= took < 2, took
+    assert len(ours(caught)) == 1 and "no answer in 1 s" in ours(caught)[0]
+    assert "still offline at the run's end: 5 metric values stayed local-only" in capfd.readouterr().err
 
 
 def test_log_metrics_does_not_wait_for_the_store(uri, tmp_path):
