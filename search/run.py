@@ -14,6 +14,7 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from search.study import Objective, StudyConfig, baseline_params, load_families
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRAPHS = ["graphs/ngpt.yaml", "graphs/gpt2.yaml"]
 _PARENT: list = []
+_CREATED: set = set()  # studies this process created
+PARENT_WAIT_S = 60.0   # a command that did not create the study waits this long for its parent run
 
 
 def default_files() -> list[str]:
@@ -54,19 +57,28 @@ def pruner(name: str):
             "none": lambda: p.NopPruner()}[name]()
 
 
-def open_study(cfg: StudyConfig, fams: dict):
+def open_study(cfg: StudyConfig, fams: dict, seed: int | None = 0):
+    """The study, created or resumed. Spawned workers pass `seed=None`: workers seeded alike (in
+    one command, or the same command on two machines) draw the same random start-up trials, and
+    all but one would wait out or repeat a twin; constant liar keeps TPE from proposing what
+    another worker is training. Only the command that creates the study enqueues the baselines."""
     import warnings
 
     import optuna
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize"] + [{"params": "minimize", "tok_s": "maximize"}[a] for a in cfg.also]
-    study = optuna.create_study(study_name=cfg.study, storage=storage(cfg), load_if_exists=True,
-                                directions=directions, pruner=pruner(cfg.pruner),
-                                sampler=optuna.samplers.TPESampler(seed=0, group=True,
-                                                                   multivariate=True))
+    sampler = optuna.samplers.TPESampler(seed=seed, group=True, multivariate=True,
+                                         constant_liar=cfg.workers > 1)
+    kw = {"study_name": cfg.study, "storage": storage(cfg), "pruner": pruner(cfg.pruner),
+          "sampler": sampler}
+    try:  # the storage creates a name once: of several commands started together, one wins
+        study, created = optuna.create_study(directions=directions, **kw), True
+        _CREATED.add(cfg.study)
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(**kw), False
     check_objectives(study, [cfg.objective, *cfg.also])
-    if not study.get_trials(deepcopy=False):
+    if created:
         for params in baseline_params(fams):
             study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
         study.set_user_attr("budget_s", cfg.budget_s)
@@ -87,9 +99,11 @@ def check_objectives(study, objectives: list[str]) -> None:
 
 
 def parent_run(cfg: StudyConfig, study) -> str | None:
-    """One MLflow parent run per study, shared by every worker and every re-run."""
+    """One MLflow parent run per study, shared by every worker and every re-run. The command that
+    created the study makes it; another one started with it waits for it rather than make a
+    second (they would split the trials between two parents)."""
     from search.track import Tracker
-    rid = study.user_attrs.get("mlflow_parent_run_id")
+    rid = announced_parent(study, wait_s=0 if cfg.study in _CREATED else PARENT_WAIT_S)
     if rid:
         return rid
     t = Tracker(cfg.experiment, f"study-{cfg.study}", tracking_uri=cfg.tracking_uri,
@@ -99,10 +113,23 @@ def parent_run(cfg: StudyConfig, study) -> str | None:
     t.log_params({"budget_s": cfg.budget_s, "trial_budget_s": cfg.trial_budget_s,
                   "objective": cfg.objective, "also": ",".join(cfg.also), "size": cfg.size,
                   "pruner": cfg.pruner})
-    if t.run_id:
-        study.set_user_attr("mlflow_parent_run_id", t.run_id)
+    study.set_user_attr("mlflow_parent_run_id", t.run_id or "")  # "": offline, stop waiting
     _PARENT.append(t)  # ended by report.finish when this process's share of the study is done
     return t.run_id
+
+
+def announced_parent(study, wait_s: float) -> str | None:
+    """The study's parent run id; a brand-new study (nothing finished yet) gets up to `wait_s`
+    for the command that created it to announce one ("" when that command is offline)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        attrs = study.user_attrs  # read from the storage on each access
+        if "mlflow_parent_run_id" in attrs:
+            return attrs["mlflow_parent_run_id"] or None
+        if time.monotonic() >= deadline or any(t.state.is_finished() for t in
+                                               study.get_trials(deepcopy=False)):
+            return None
+        time.sleep(0.5)
 
 
 def worker(cfg: StudyConfig, index: int, fams: dict | None = None, study=None) -> None:
@@ -114,7 +141,7 @@ def worker(cfg: StudyConfig, index: int, fams: dict | None = None, study=None) -
         torch.cuda.set_device(index % torch.cuda.device_count())
     if study is None:
         fams = load_families(cfg)
-        study = open_study(cfg, fams)
+        study = open_study(cfg, fams, seed=None)
     callbacks = [stop_when_spent(cfg)]
     if cfg.trials:
         callbacks.append(optuna.study.MaxTrialsCallback(
@@ -133,13 +160,19 @@ def stop_when_spent(cfg: StudyConfig):
     return callback
 
 
-def _spawn_workers(cfg: StudyConfig) -> None:
+def _spawn_workers(cfg: StudyConfig) -> int:
+    """Run the workers; how many of them died (a crash outside a trial, or a kill)."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(cfg, i)) for i in range(cfg.workers)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
+    dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    for i, code in dead:
+        print(f"worker {i} exited with code {code}; its running trial is failed by the heartbeat "
+              f"check and the study can be resumed", file=sys.stderr)
+    return len(dead)
 
 
 def parse_args(argv=None) -> StudyConfig:
@@ -168,6 +201,7 @@ def parse_args(argv=None) -> StudyConfig:
                     "(default 3 for the default study, else 4)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--heartbeat", type=int, default=10, help=argparse.SUPPRESS)
+    ap.add_argument("--eval-bytes", type=parse_count, help=argparse.SUPPRESS)  # tests: a shorter span
     a = ap.parse_args(argv)
     default_study = not a.files
     files = a.files or default_files()
@@ -184,7 +218,8 @@ def parse_args(argv=None) -> StudyConfig:
                        trials=a.trials, objective=a.objective, also=tuple(a.also), workers=a.workers,
                        seeds=a.seeds, data=a.data, pruner=a.pruner, max_params=a.max_params,
                        experiment=a.experiment, device=a.device, evals=a.evals or (3 if default_study else 4),
-                       eval_bytes=8192 if default_study else None, heartbeat_s=a.heartbeat)
+                       eval_bytes=a.eval_bytes or (8192 if default_study else None),
+                       heartbeat_s=a.heartbeat)
 
 
 def main(argv=None) -> int:
@@ -200,15 +235,16 @@ def main(argv=None) -> int:
     print(f"study {cfg.study}: {', '.join(fams)}; budget {format_duration(cfg.budget_s)} of device "
           f"time, {format_duration(cfg.trial_budget_s or 0)} per trial; storage {cfg.storage}",
           file=sys.stderr)
+    dead = 0
     if cfg.workers > 1:
-        _spawn_workers(cfg)
+        dead = _spawn_workers(cfg)
     else:
         worker(cfg, 0, fams, study)
     if cfg.seeds:
         report.reseed(cfg, study)
     print(report.summary(cfg, study))
     report.finish(cfg, study, _PARENT[0] if _PARENT else None)
-    return 0
+    return 1 if dead else 0
 
 
 if __name__ == "__main__":
