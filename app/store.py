@@ -1,6 +1,7 @@
 """Reading the MLflow tracking store: runs as a table, metric histories (downsampled), one run's
-details and artifacts. Plain functions of the tracking URI, so tests can call them directly;
-the pages wrap them in `st.cache_data` (see app/cache.py).
+details. Plain functions of the tracking URI, so tests can call them directly; the pages wrap
+them in `st.cache_data` (see app/ui.py). A run's files (artifacts, run folder) are read by
+app/runfiles.py, which keeps every read inside the store's folder.
 
 Every failure to reach the store is raised as `StoreError` with a one-line message, which the
 pages show as an error panel; a SQLite store that does not exist yet is `EmptyStore`, never
@@ -184,38 +185,14 @@ def run_detail(uri: str, run_id: str) -> dict:
 
 
 def artifacts(uri: str, run_id: str) -> list[dict]:
-    """Every artifact file of a run (recursively): path and size in bytes."""
-    c = client(uri)
-    out, todo = [], [None]
-    try:
-        while todo:
-            for f in c.list_artifacts(run_id, todo.pop()):
-                if f.is_dir:
-                    todo.append(f.path)
-                else:
-                    out.append({"path": f.path, "bytes": f.file_size})
-    except Exception as e:  # noqa: BLE001
-        raise StoreError(f"cannot list the artifacts of run {run_id}: {brief(e)}") from None
-    return sorted(out, key=lambda a: a["path"])
+    """Every artifact file of a run: see app/runfiles.py, which confines them to the store."""
+    from app import runfiles  # it imports this module
+
+    return runfiles.artifacts(uri, run_id)
 
 
 def artifact_text(uri: str, run_id: str, path: str) -> str | None:
-    """A small text artifact (graph.yaml, run_config.json), or None when the run has none."""
-    import tempfile
+    """A small text artifact, or None: see app/runfiles.py, which confines it to the store."""
+    from app import runfiles
 
-    c = client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return Path(c.download_artifacts(run_id, path, tmp)).read_text()
-        except Exception:  # noqa: BLE001 - a missing artifact is an ordinary case
-            return None
-
-
-def download(uri: str, run_id: str, path: str, dest: str) -> Path:
-    """An artifact file or folder copied to `dest`."""
-    try:
-        return Path(client(uri).download_artifacts(run_id, path, dest))
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise StoreError(f"cannot download {path} of run {run_id}: {brief(e)}") from None
+    return runfiles.artifact_text(uri, run_id, path)

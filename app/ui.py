@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import store, studies
+from app.runfiles import OutsideStore
 from app.store import EmptyStore, StoreError
 
 TTL_S = 60            # finished runs do not change; a running one shows new points within a minute
@@ -33,12 +34,20 @@ def error(exc: Exception) -> None:
              "`MLFLOW_TRACKING_URI` (or the Optuna storage in the sidebar), then rerun.")
 
 
+def refused(exc: Exception) -> None:
+    st.error(f"**Refused.** {exc}\n\nThe app reads files only inside the tracking store's folder; "
+             "this run names a path elsewhere (`..`, an absolute path or a link), so it was not read.")
+
+
 def guard(fn, *args, what: str = "Nothing here yet."):
-    """fn(*args), or None after showing the empty state (EmptyStore) or the error panel."""
+    """fn(*args), or None after showing the empty state (EmptyStore), the refusal of a path
+    outside the store (OutsideStore) or the error panel."""
     try:
         return fn(*args)
     except EmptyStore as e:
         empty(what, str(e) + ".")
+    except OutsideStore as e:
+        refused(e)
     except StoreError as e:
         error(e)
     return None

@@ -36,7 +36,7 @@ else:
 sys.path.insert(0, ".")
 import model
 m = model.load(".")
-idx = torch.load("idx.pt")
+idx = torch.load("idx.pt", weights_only=True)
 logits, loss = m(idx, idx)
 torch.save(logits, "logits_standalone.pt")
 assert "graphs" not in sys.modules and "blocks" not in sys.modules
@@ -124,7 +124,7 @@ def round_trip(graph: Path, sets, tmp_path: Path) -> str:
     done = run_in(out, CHECK)
     assert done.returncode == 0, done.stderr[-3000:]
     want = playground_logits(graph, idx, size="tiny", sets=sets)
-    got = torch.load(out / "logits_standalone.pt")
+    got = torch.load(out / "logits_standalone.pt", weights_only=True)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     return src

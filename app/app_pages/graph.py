@@ -63,7 +63,14 @@ def pick(side: str, default_run: str | None, default_file: str):
         by_id = {v: k for k, v in labels.items()}
         _initial(f"{side}_run", by_id.get(default_run, next(iter(labels))), force=default_run in by_id)
         label = st.selectbox(f"Run {side}", list(labels), key=f"{side}_run")
-        text = ui.artifact_text(uri, labels[label], "graph.yaml")
+        try:
+            text = ui.artifact_text(uri, labels[label], "graph.yaml")
+        except ui.OutsideStore as e:
+            ui.refused(e)
+            return None
+        except ui.StoreError as e:
+            ui.error(e)
+            return None
         if text is None:
             st.warning(f"Run {labels[label]} has no graph.yaml artifact.")
             return None

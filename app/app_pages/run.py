@@ -52,12 +52,23 @@ if tags.get("graph_hash") and st.button("Show its graph", key="show_graph"):
 config, tag_tab, metric_tab, artifact_tab, export_tab = st.tabs(
     ["Config", "Tags", "Metrics", "Artifacts", "Export"])
 
+
+def run_config_json(text: str) -> None:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        st.warning(f"run_config.json is not valid JSON ({e}); shown as text.")
+        st.code(text[:20000], language=None)
+        return
+    st.json(data, expanded=1)
+
+
 with config:
-    run_config = ui.artifact_text(uri, run_id, "run_config.json")
+    run_config = ui.guard(ui.artifact_text, uri, run_id, "run_config.json")
     if run_config:
         with st.expander("run_config.json: how it was trained", expanded=True):
-            st.json(json.loads(run_config), expanded=1)
-    graph_yaml = ui.artifact_text(uri, run_id, "graph.yaml")
+            run_config_json(run_config)
+    graph_yaml = ui.guard(ui.artifact_text, uri, run_id, "graph.yaml")
     if graph_yaml:
         with st.expander("graph.yaml: the resolved graph"):
             st.code(graph_yaml, language="yaml")
@@ -89,6 +100,9 @@ with artifact_tab:
     files = ui.guard(ui.artifacts, uri, run_id)
     if files:
         st.dataframe(pd.DataFrame(files), hide_index=True, key="artifacts")
+        links = [f["path"] for f in files if f.get("refused")]
+        if links:
+            st.warning(f"Not read: {', '.join(links)}: links leading outside the store's folder.")
     elif files is not None:
         st.caption("No artifacts.")
 
@@ -110,6 +124,8 @@ with export_tab:
     if done and done[0] == run_id:
         out = done[1]
         st.success(f"Exported {len(out.files)} files from {out.source}.")
+        if out.note:
+            st.warning(f"The run's folder was not read: {out.note}.")
         st.download_button(f"Download {out.name}", out.data, file_name=out.name, mime="application/zip",
                            key="download")
         st.dataframe(pd.DataFrame({"file": out.files}), hide_index=True, key="export_files")

@@ -28,6 +28,7 @@ class Source:
     result: dict | None          # the run's result.json
     label: str
     size: str | None = None      # None for a run folder: its graph.yaml is already sized
+    shown: str | None = None     # the checkpoint as the model card names it (default: its path)
 
 
 def _checkpoint_file(path: Path) -> Path:
@@ -40,10 +41,29 @@ def _checkpoint_file(path: Path) -> Path:
 
 def latest_checkpoint(run: Path) -> Path | None:
     """The step folder the run's `latest` pointer names (the layout of search/checkpoint.py, read
-    here rather than imported: graphs never import search)."""
+    here rather than imported: graphs never import search). The pointer holds a folder name of
+    the run; anything else (a path, `..`) is refused rather than followed out of the run."""
     pointer = run / "latest"
-    path = run / pointer.read_text().strip() if pointer.is_file() else None
-    return path if path is not None and path.is_dir() else None
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace")[:300].strip()
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise ExportError(f"{pointer} names {name!r}, not a step folder of the run")
+    path = run / name
+    return path if path.is_dir() else None
+
+
+def json_object(path: Path) -> dict | None:
+    """A JSON file holding an object (result.json, state.json), None when there is no file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ExportError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
 
 
 def from_run(run: Path, args) -> Source:
@@ -55,8 +75,7 @@ def from_run(run: Path, args) -> Source:
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
     if ckpt is None:
         raise ExportError(f"{run} has no checkpoint (no 'latest' pointer); pass --checkpoint")
-    result_file = run / "result.json"
-    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    result = json_object(run / "result.json")
     return Source(graphs.load(run / "graph.yaml"), _checkpoint_file(ckpt), result, str(run))
 
 
@@ -89,8 +108,7 @@ def from_file(path: Path, args) -> Source:
 
 
 def _state_hash(ckpt: Path) -> str | None:
-    state = ckpt.parent / "state.json"
-    return json.loads(state.read_text()).get("graph_hash") if state.is_file() else None
+    return (json_object(ckpt.parent / "state.json") or {}).get("graph_hash")
 
 
 def load_weights(plan, src: Source, seed: int | None) -> dict:
@@ -140,13 +158,19 @@ def run(args: argparse.Namespace) -> list[Path]:
     if not path.exists():
         raise ExportError(f"{path}: no such file or folder")
     src = from_run(path, args) if path.is_dir() else from_file(path, args)
+    return export_source(src, args.out, formats, args.force, args.init_seed)
+
+
+def export_source(src: Source, out_dir: str | Path, formats: list[str], force: bool = False,
+                  init_seed: int | None = None) -> list[Path]:
+    """Load the weights of `src` and write `formats` into `out_dir` (the app calls this too)."""
     plan = graphs.elaborate(src.graph)
-    state = load_weights(plan, src, args.init_seed)
-    existed = Path(args.out).exists()
-    out = prepare_out(args.out, args.force)
+    state = load_weights(plan, src, init_seed)
+    existed = Path(out_dir).exists()
+    out = prepare_out(out_dir, force)
+    shown = src.shown or (str(src.checkpoint) if src.checkpoint else None)
     meta = {"graph": src.graph.data, "source": src.label, "size": src.size, "cost": analyse(plan),
-            "checkpoint": str(src.checkpoint) if src.checkpoint else None, "result": src.result,
-            "init_seed": args.init_seed}
+            "checkpoint": shown, "result": src.result, "init_seed": init_seed}
     try:
         return export(plan, state, out, formats, meta)
     except BaseException:

@@ -86,12 +86,11 @@ def write(plan: Plan, state_dict: dict, out_dir: Path, meta: dict, why: str = ""
                           "rename them to export as hf")
     out_dir = Path(out_dir)
     files = standalone.write(plan, state_dict, out_dir, meta)
-    config_path = target(out_dir, "config.json")
-    config = json.loads(config_path.read_text())
+    config = json.loads((out_dir / "config.json").read_text())  # as standalone.write wrote it
     config.update(model_type="lm_playground", architectures=[CLASSES["AutoModelForCausalLM"]],
                   auto_map={k: f"{MODELING[:-3]}.{v}" for k, v in CLASSES.items()},
                   tie_word_embeddings=bool(config.get("tied")), not_stock_hf_because=why)
-    config_path.write_text(json.dumps(config, indent=1, default=str) + "\n")
+    target(out_dir, "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
     modeling = target(out_dir, MODELING)
     modeling.write_text(SOURCE)
     return files + [modeling]

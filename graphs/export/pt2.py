@@ -1,6 +1,8 @@
 """torch.export format: DIR/model.pt2, the built graph's inference program (idx -> logits) with
 its weights, for any graph. Batch and sequence length are dynamic, the sequence up to the
 trained context (`seq_len`); load it with `torch.export.load(path).module()`, no project code.
+torch.export.load uses pickle (its documentation says so): load only .pt2 files you trust; the
+standalone and hf formats keep their weights in safetensors.
 """
 from __future__ import annotations
 
