@@ -1,5 +1,6 @@
-"""The architecture search end to end on the CPU: the default study, a killed worker, failures
-contained, and two workers sharing one study on a real PostgreSQL server."""
+"""The architecture search end to end on the CPU: the default study, a killed worker and failures
+contained. Workers sharing one study (SQLite and a real PostgreSQL server) are in
+tests/test_concurrency.py."""
 from __future__ import annotations
 
 import os
@@ -120,17 +121,3 @@ def test_nan_and_raising_trials_are_recorded_and_the_study_goes_on(tmp_path):
     assert runs["1"].info.status == "FAILED" and runs["1"].data.tags["status"] == "diverged"
     assert runs["2"].info.status == "FAILED"
     assert "error.txt" in {a.path for a in client.list_artifacts(runs["2"].info.run_id)}
-
-
-def test_two_workers_share_a_postgres_study_without_running_a_trial_twice(tmp_path, postgres_url):
-    out = search(tmp_path, GPT2, LLAMA, "--size", "tiny", "--trials", "6", "--trial-tokens", "2048",
-                 "--budget", "10m", "--workers", "2", "--storage", postgres_url, "--study", "pg",
-                 "--pruner", "none")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    ts = trials(tmp_path, "pg", postgres_url)
-    trained = [t for t in ts if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
-    assert len(trained) >= 4
-    hashes = [t.user_attrs["graph_hash"] for t in trained]
-    assert len(hashes) == len(set(hashes))                    # no concrete graph trained twice
-    assert len({t.user_attrs["pid"] for t in ts if "pid" in t.user_attrs}) == 2
-    assert {t.params["graph"] for t in ts} == {"gpt2", "llama"}
