@@ -207,6 +207,8 @@ def choose(op: str, impl: str, args) -> str:
     if impl == "torch":
         return "torch"
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if device.type == "meta":  # shapes only (cost analysis): the twin has the same shapes and FLOPs
+        return "torch"
     if impl == "liger":
         if not can_run(device):
             raise RuntimeError(f"impl liger for {op} needs CUDA and liger-kernel "

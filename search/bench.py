@@ -49,9 +49,50 @@ def matmul_peak(device) -> float | None:
     return 2 * n ** 3 * 10 / (time.perf_counter() - t)
 
 
+IMPL_TYPES = {"attention", "cross_entropy", "geglu", "layernorm", "linear_cross_entropy", "rmsnorm",
+              "swiglu"}   # the blocks with an `impl` field (blocks/liger.py)
+
+
+def base_name(spec: str) -> str:
+    return spec.split("@")[0].split("+")[0]
+
+
+def variant_sets(spec: str, size: str | None) -> list[str]:
+    """`--set`s of a model spec `NAME[+SET...][@VARIANT]`: each SET as in `search.train --set`
+    (`hyper+hc=mhc`); VARIANT `liger`/`auto`/`torch` puts that impl on every node with an `impl`
+    field, `flce` (Liger) or `chunked` (the compiled chunked twin) replaces head + loss by the fused
+    linear cross-entropy block."""
+    import graphs
+    name, _, variant = spec.partition("@")
+    name, *sets = name.split("+")
+    if not variant:
+        return sets
+    g = graphs.load(ROOT / "graphs" / f"{name}.yaml", size, sets).resolve()
+    nodes = g.data["nodes"]
+    if variant in ("flce", "chunked"):
+        head = nodes[nodes["loss"]["in"][0]]
+        tie = f", tie: {head['tie']}" if head.get("tie") else ""
+        impl = "liger" if variant == "flce" else "torch"
+        return sets + [f"nodes.loss={{type: linear_cross_entropy, in: [{head['in']}, targets], "
+                       f"vocab: vocab_size{tie}, impl: {impl}}}"]
+    if variant not in ("liger", "auto", "torch"):
+        raise SystemExit(f"model {spec!r}: variant @{variant} is not one of liger, auto, torch, flce, chunked")
+    out = []
+
+    def walk(group: dict, prefix: str) -> None:
+        for key, node in group.items():
+            if "body" in node:
+                walk(node["body"], f"{prefix}{key}.body.")
+            elif node.get("type") in IMPL_TYPES:
+                out.append(f"nodes.{prefix}{key}.impl={variant}")
+    walk(nodes, "")
+    return sets + out
+
+
 def graph_model(name: str, size: str | None, device, sets=()):
     import graphs
-    plan = graphs.elaborate(graphs.load(ROOT / "graphs" / f"{name}.yaml", size, sets).resolve())
+    sets = [*variant_sets(name, size), *sets]
+    plan = graphs.elaborate(graphs.load(ROOT / "graphs" / f"{base_name(name)}.yaml", size, sets).resolve())
     return plan, graphs.build(plan, device=device, seed=0)
 
 
@@ -153,11 +194,19 @@ def _first_step(r: Runner, device) -> float:
 
 
 def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, twins=True) -> list[dict]:
-    rows = []
-    for name in names:
+    rows, groups = [], {}
+    for name in names:  # variants of one graph are interleaved with it (and its twin)
+        groups.setdefault(base_name(name), []).append(name)
+    for group in groups.values():
         for batch in batches:
             torch._dynamo.reset()
-            fpt, runners, loss = build_pair(name, size, batch, device, modes, twins)
+            runners, loss = [], None
+            for name in group:
+                fpt, more, la = build_pair(name, size, batch, device, modes, twins)
+                for r in more:
+                    r.fpt = fpt
+                runners += more
+                loss = loss if la is None else la
             for r in runners:
                 r.compile_s = _first_step(r, device)
                 r.timed(3)
@@ -172,8 +221,8 @@ def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, t
                 med = statistics.median(times[r.label])
                 tok_s = batch * (r.batches[0].shape[1] - 1) / med
                 rows.append({"model": r.label, "batch": batch, "tok_s": tok_s, "ms_step": med * 1e3,
-                             "mfu_meas": fpt * tok_s / peak_meas if peak_meas else None,
-                             "mfu_sheet": fpt * tok_s / peak_sheet if peak_sheet else None,
+                             "mfu_meas": r.fpt * tok_s / peak_meas if peak_meas else None,
+                             "mfu_sheet": r.fpt * tok_s / peak_sheet if peak_sheet else None,
                              "compile_s": r.compile_s, "recompiles": recompiles, "loss_check": loss,
                              "steps": len(times[r.label]), "peak_gib": peaks.get(r.label),
                              "cache_dir": getattr(r, "cache_dir", None)})
@@ -246,11 +295,11 @@ def table(rows, warm, meta, baseline: str = "gpt2") -> str:
              f"| model | batch | tok/s | ms/step | tok/s vs hand-written | step time vs {baseline} graph | "
              "MFU (measured peak) | MFU (datasheet) | peak GiB | cold compile s | warm compile s | recompiles |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["model"].split()[0], r["batch"]): r["tok_s"] for r in rows if "hand-written" in r["model"]}
+    base = {(base_name(r["model"].split()[0]), r["batch"]): r["tok_s"] for r in rows if "hand-written" in r["model"]}
     ref = {(r["model"].split(" ", 1)[1], r["batch"]): r["ms_step"] for r in rows
            if r["model"].startswith(f"{baseline} graph")}
     for r in rows:
-        key = (r["model"].split()[0], r["batch"])
+        key = (base_name(r["model"].split()[0]), r["batch"])
         ratio = r["tok_s"] / base[key] if key in base and "hand-written" not in r["model"] else None
         g = ref.get((r["model"].split(" ", 1)[1], r["batch"]))
         vs_ref = r["ms_step"] / g if g and "graph" in r["model"] and not r["model"].startswith(f"{baseline} ") else None
@@ -267,7 +316,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m search.bench")
     ap.add_argument("--models", default=",".join(sorted(p.stem for p in (ROOT / "graphs").glob("*.yaml"))),
                     help="graphs/NAME.yaml to time (default: all; gpt2 and llama also run their "
-                         "hand-written twins)")
+                         "hand-written twins); NAME+SET+...@VARIANT for a variant, e.g. "
+                         "hyper+hc=mhc, llama@liger, llama@auto, llama@flce, llama@chunked")
     ap.add_argument("--size", help="graph size (default: tiny on CPU, the real size on GPU)")
     ap.add_argument("--batch", default=None, help="comma list (default 16,32 on GPU, 2 on CPU)")
     ap.add_argument("--steps", type=int, default=20)
