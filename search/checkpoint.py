@@ -5,6 +5,10 @@ A checkpoint is a folder `step_000123/` holding `model.safetensors` (tied weight
 `state.json` (step, tokens, elapsed times, the data loader's position). It is written into a
 temporary folder, fsynced, renamed into place, and only then does the small `latest` file
 (replaced atomically) point at it; a crash at any moment leaves the previous checkpoint intact.
+Old checkpoints are renamed to a temporary name before they are deleted, so a `step_*` folder is
+always whole. Test hook: PLAYGROUND_CHECKPOINT_PAUSE=SECONDS sleeps at each stage of a write
+(after each file, before each rename) so tests/test_crash.py can land a kill -9 inside one; unset,
+it does nothing.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +48,13 @@ def _write_failure(e: BaseException, name: str, run_dir: Path) -> CheckpointWrit
     return CheckpointWriteError(code, f"could not write checkpoint {name} in {run_dir}: "
                                       f"{os.strerror(code)}; the previous checkpoint "
                                       f"({prev.name if prev else 'none'}) is intact")
+
+
+def _pause() -> None:
+    """The test hook of the module docstring."""
+    seconds = os.environ.get("PLAYGROUND_CHECKPOINT_PAUSE")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,9 +103,11 @@ def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        _pause()
         tensors, meta = _optimizer_tensors(opt)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
+        _pause()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -102,9 +116,10 @@ def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _pause()
         final = run_dir / name
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step again, after a resume
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
     except BaseException as e:
@@ -112,21 +127,32 @@ def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
         if isinstance(e, (OSError, SafetensorError)):
             raise _write_failure(e, name, run_dir) from e
         raise
+    _pause()
     pointer = run_dir / ".latest.tmp"
     pointer.write_text(name + "\n")
+    _pause()
     os.replace(pointer, run_dir / "latest")
     _fsync_dir(run_dir)
+    _pause()
     _prune(run_dir, keep={name})
     return final
 
 
 def _prune(run_dir: Path, keep: set) -> None:
+    for p in run_dir.glob(".step_*"):  # temporary folders of a crashed write or deletion
+        shutil.rmtree(p, ignore_errors=True)
     ckpts = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
     for p in ckpts[:-KEEP]:
         if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in run_dir.glob(".step_*"):  # temporary folders of a crashed write
-        shutil.rmtree(p, ignore_errors=True)
+            _discard(p)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder, renamed first: a kill during the deletion leaves no partial
+    `step_*` folder, only a temporary one that the next save removes."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, trash)  # onto the empty folder: atomic
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Path | None:

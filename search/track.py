@@ -286,6 +286,12 @@ class Tracker:
             if self._queued >= METRICS_PER_BATCH:
                 self._wake.set()
 
+    def flush_local(self) -> None:
+        """Write the jsonl's buffered lines out now (the flusher does it every ~2 s): a caller about
+        to record that its metrics are logged, e.g. in a checkpoint, calls this first."""
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+
     # params, tags and artifacts go to MLflow only: no-ops without a run (disabled, not started,
     # failed at start), held while the store is unreachable
 

@@ -162,6 +162,8 @@ class Trainer:
         state = s.resume_state
         if state:
             self._restore(state)
+            if self.progress() >= 1.0:  # killed after its final checkpoint: nothing left to train
+                return self._finish("completed", "resumed after its budget was spent: no step taken")
         last_log_t, last_log_tokens, n_since_log = None, self.r.tokens, 0
         next_eval = self._next_eval()
         self.last_ckpt = time.perf_counter()
@@ -257,6 +259,7 @@ class Trainer:
     def _checkpoint(self, force: bool = True) -> None:
         due = time.perf_counter() - self.last_ckpt >= self.cfg.checkpoint_every_s
         if self.s.dist.main and self.cfg.checkpoint and (force or due):
+            self.s.tracker.flush_local()  # a resume never logs again what this says is logged
             checkpoint.save(self.s.run_dir, self.s.model, self.s.opt, self._state())
             self.last_ckpt = time.perf_counter()
         barrier(self.s.dist)
@@ -291,6 +294,8 @@ class Trainer:
         r.step, r.tokens, r.train_s = state["step"], state["tokens"], state["train_s"]
         r.compile_s, r.eval_s, r.history = state["compile_s"], state["eval_s"], state["history"]
         self.s.loader.load_state_dict(state["loader"])
+        if r.history:
+            r.val_loss, r.val_bpb = r.history[-1]["val/loss"], r.history[-1]["val/bpb"]
 
     def _finish(self, status: str, message: str = "") -> RunResult:
         self.r.status = status
