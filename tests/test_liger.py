@@ -143,8 +143,8 @@ def test_liger_matches_the_twin_forward_and_backward(name, params, ins, dtype):
         outs.append(y.float())
         grads.append([t.grad.float() for t in xs if t.is_floating_point()]
                      + [p.grad.float() for p in m.parameters()])
-    tol = TOLS[dtype]
-    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    tol = TOLS[dtype]   # absolute part scaled by the magnitude: one bf16 ulp at |y| = 2 is 0.016
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol * max(1.0, outs[1].abs().max().item()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
@@ -174,7 +174,7 @@ def test_liger_cross_entropy_leaves_logits_that_other_ops_read_intact():
     loss = liger.liger_cross_entropy(y, t, -1) + y.softmax(-1)[:, 0].sum()
     ref = F.cross_entropy(y, t) + y.softmax(-1)[:, 0].sum()
     torch.testing.assert_close(loss, ref)
-    (g,) = torch.autograd.grad(loss, lg)
+    (g,) = torch.autograd.grad(loss, lg, retain_graph=True)   # both losses read y's graph
     (r,) = torch.autograd.grad(ref, lg)
     torch.testing.assert_close(g, r)
 
@@ -222,7 +222,8 @@ def test_liger_ops_inside_a_compiled_model_match_eager():
     m = graphs.build(elaborate(g.resolve()), seed=0).cuda()
     x = torch.randint(0, 1000, (4, 64), device="cuda")
     ref_logits, ref_loss = m(x, x.roll(-1, 1))
-    logits, loss = torch.compile(m)(x, x.roll(-1, 1))
+    torch._dynamo.reset()   # static shapes, as the trainer compiles (dynamic=False): a recompile
+    logits, loss = torch.compile(m, dynamic=False)(x, x.roll(-1, 1))  # with dynamic dims fails in Liger's RoPE
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
@@ -236,7 +237,8 @@ def test_fused_linear_cross_entropy_block_under_compile():
     m = graphs.build(elaborate(g.resolve()), seed=0).cuda()
     x = torch.randint(0, 1000, (4, 64), device="cuda")
     _, ref = m(x, x.roll(-1, 1))
-    _, loss = torch.compile(m)(x, x.roll(-1, 1))
+    torch._dynamo.reset()
+    _, loss = torch.compile(m, dynamic=False)(x, x.roll(-1, 1))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert torch.isfinite(m.tok.weight.grad).all()
