@@ -19,6 +19,15 @@ def mix(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     a, x = a.to(dtype), x.to(dtype)
     if a.shape[-2] == 1:  # one input piece (B of plain HC): an outer product, nothing to sum
         return a.squeeze(-2).unsqueeze(-1) * x
+    if a.dim() == 2:
+        # static coefficients (no batch dims): U pointwise terms, which Inductor fuses into one
+        # kernel; the broadcast-and-sum form took 3.2x as long for forward + backward and made
+        # the SHC model's step 2.2x slower (H200, docs/benchmarks.md); with per-token (dynamic)
+        # coefficients the sum is the faster form
+        out = a[0, :, None] * x[..., 0:1, :]
+        for u in range(1, a.shape[0]):
+            out = out + a[u, :, None] * x[..., u:u + 1, :]
+        return out
     return (a.unsqueeze(-1) * x.unsqueeze(-2)).sum(dim=-3)
 
 

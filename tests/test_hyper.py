@@ -288,8 +288,20 @@ def test_a_training_step_moves_the_connections_without_weight_decay(mode):
     assert any(n.endswith(learns) for n in moved), moved
 
 
+def test_mix_with_static_or_per_token_coefficients_equals_einsum():
+    """Both forms of `mix` (U pointwise terms for a 2-D A, broadcast-and-sum for a batched A)."""
+    from blocks import hyper_ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    for a in (torch.randn(4, 4, dtype=torch.float64, generator=g),
+              torch.randn(4, 2, dtype=torch.float64, generator=g),
+              torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)):
+        want = torch.einsum("...ut,...uw->...tw", a.expand(2, 3, *a.shape[-2:]), x)
+        torch.testing.assert_close(hyper_ops.mix(a, x), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["dynamic", "mhc"])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "mhc"])
 def test_compiled_bf16_step_matches_eager(mode):
     dev = torch.device("cuda")
     m = hyper(mode, n=4).to(dev)
