@@ -375,8 +375,8 @@ def background_search(tmp_path_factory):
     return box
 
 
-def report(folder: Path, name: str, fig: dict, seconds: float) -> None:
-    figures = {"seed": SEED, "seconds": round(seconds, 1), **dict(sorted(fig.items()))}
+def report(folder: Path, name: str, fig: dict, seconds: float, seed: int) -> None:
+    figures = {"seed": seed, "seconds": round(seconds, 1), **dict(sorted(fig.items()))}
     (folder / "crash_figures.json").write_text(json.dumps(figures, indent=1))
     print(f"\n{name}: {json.dumps(figures)}")
 
@@ -384,7 +384,7 @@ def report(folder: Path, name: str, fig: dict, seconds: float) -> None:
 def test_a_training_run_killed_at_random_points_resumes_and_loses_no_metric(tmp_path, background_search):
     t0, fig = time.time(), defaultdict(int, events=[])
     train_campaign(tmp_path, random.Random(SEED), fig)
-    report(tmp_path, "training", fig, time.time() - t0)
+    report(tmp_path, "training", fig, time.time() - t0, SEED)
     assert fig["train_kills"] >= TRAIN_KILLS and fig["kills_during_a_checkpoint_write"] >= 3, fig
     assert fig["resumes"] >= 3
 
@@ -395,5 +395,5 @@ def test_a_search_worker_killed_at_random_points_loses_no_trial(background_searc
     if "error" in background_search:
         raise background_search["error"]
     fig = background_search["figures"]
-    report(background_search["folder"], "search", fig, background_search["seconds"])
+    report(background_search["folder"], "search", fig, background_search["seconds"], SEED + 1)
     assert fig["search_kills"] >= SEARCH_KILLS
