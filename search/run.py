@@ -46,8 +46,28 @@ def storage(cfg: StudyConfig):
         retry = {"heartbeat_stale_trial_callback": st.RetryHeartbeatStaleTrialCallback(max_retry=1)}
     else:
         retry = {"failed_trial_callback": st.RetryFailedTrialCallback(max_retry=1)}
-    return st.RDBStorage(cfg.storage, engine_kwargs=kw, heartbeat_interval=cfg.heartbeat_s,
-                         grace_period=3 * cfg.heartbeat_s, **retry)
+    return _created_once(lambda: st.RDBStorage(cfg.storage, engine_kwargs=kw,
+                                               heartbeat_interval=cfg.heartbeat_s,
+                                               grace_period=3 * cfg.heartbeat_s, **retry))
+
+
+def _created_once(make, attempts: int = 6):
+    """Optuna creates its tables on first use. Commands started together against one new
+    PostgreSQL database race there: both see no `studydirection` type, both `CREATE TYPE`, and
+    the loser's transaction fails with a unique violation (a table or the version row likewise).
+    The winner's schema is complete once its transaction commits, so the loser tries again."""
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (IntegrityError, ProgrammingError, OperationalError) as e:
+            racing = any(w in str(e).lower() for w in ("already exists", "duplicate", "unique"))
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
 
 
 def pruner(name: str):

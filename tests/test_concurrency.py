@@ -129,3 +129,36 @@ def test_two_commands_of_two_workers_share_a_postgres_study(tmp_path, postgres_u
     # the same command on two machines: one study, one set of baselines, one parent run
     run = four_workers(tmp_path, postgres_url, "c4-pg", commands=2)
     check_one_study(run, record_property)
+
+
+def _open_storage(url: str, barrier) -> None:
+    from search.run import storage
+    from search.study import StudyConfig
+
+    barrier.wait()  # every process reaches the empty database at the same moment
+    storage(StudyConfig(files=[GPT2], study="race", storage=url))
+
+
+def test_commands_started_together_on_a_new_postgres_database_all_create_its_schema(postgres_url):
+    # The schema race of a new database: each process sees no tables and creates them; without
+    # the retry in search.run.storage the losers fail with "type studydirection already exists".
+    import multiprocessing as mp
+
+    import psycopg2
+
+    base, _, _ = postgres_url.rpartition("/")
+    port = int(base.rsplit(":", 1)[1])
+    for round_ in range(3):
+        name = f"race_{round_}"
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute(f"CREATE DATABASE {name}")
+        conn.close()
+        ctx = mp.get_context("spawn")
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_storage, args=(f"{base}/{name}", barrier)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 6, f"round {round_}"
