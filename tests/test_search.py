@@ -15,6 +15,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 GPT2 = str(ROOT / "graphs" / "gpt2.yaml")
 LLAMA = str(ROOT / "graphs" / "llama.yaml")
+BLT = str(ROOT / "graphs" / "blt.yaml")
 
 
 def env_for(tmp: Path, **extra) -> dict:
@@ -67,22 +68,28 @@ def test_default_study_finishes_in_five_minutes_with_tracked_trials(default_stud
         assert ts[n].user_attrs.get("graph_hash") == c.data.tags["graph_hash"]
 
 
-def test_nan_and_raising_trials_are_recorded_and_the_study_goes_on(tmp_path):
-    out = search(tmp_path, GPT2, "--size", "tiny", "--trials", "4", "--trial-tokens", "4096",
+def test_a_blt_and_gpt2_study_completes_with_nan_and_raising_trials_recorded(tmp_path):
+    """Two families at equal training time per trial (BLT on bytes, GPT-2 on tokens, both scored
+    in bits per byte), with a diverging and a raising trial among them."""
+    out = search(tmp_path, BLT, GPT2, "--size", "tiny", "--trials", "5", "--trial-budget", "3s",
+                 "--evals", "2", "--eval-bytes", "16384",
                  "--budget", "10m", "--study", "f", "--pruner", "none",
-                 PLAYGROUND_FAULT="1:nan@2,2:raise@1")
+                 PLAYGROUND_FAULT="2:nan@2,3:raise@1")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ts = trials(tmp_path, "f")
-    assert ts[1].state.name == "FAIL" and ts[1].user_attrs["status"] == "diverged"
-    assert ts[2].state.name == "FAIL" and "injected failure" in ts[2].user_attrs["error"]
-    assert "Traceback" in ts[2].user_attrs["traceback"]
-    assert [t.state.name for t in ts].count("COMPLETE") >= 2
+    assert [t.user_attrs["graph"] for t in ts[:2]] == ["blt", "gpt2"]        # both baselines first
+    for t in ts[:2]:
+        assert t.state.name == "COMPLETE" and 0 < t.value < 20, (t.number, t.state, t.value)
+    assert ts[2].state.name == "FAIL" and ts[2].user_attrs["status"] == "diverged"
+    assert ts[3].state.name == "FAIL" and "injected failure" in ts[3].user_attrs["error"]
+    assert "Traceback" in ts[3].user_attrs["traceback"]
+    assert ts[4].state.name == "COMPLETE"
     assert "diverged" in out.stdout and "injected failure" in out.stdout
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = {r.data.tags.get("optuna.trial"): r for r in
             client.search_runs([client.get_experiment_by_name("playground").experiment_id])}
-    assert runs["1"].info.status == "FAILED" and runs["1"].data.tags["status"] == "diverged"
-    assert runs["2"].info.status == "FAILED"
-    assert "error.txt" in {a.path for a in client.list_artifacts(runs["2"].info.run_id)}
+    assert runs["2"].info.status == "FAILED" and runs["2"].data.tags["status"] == "diverged"
+    assert runs["3"].info.status == "FAILED"
+    assert "error.txt" in {a.path for a in client.list_artifacts(runs["3"].info.run_id)}
