@@ -80,6 +80,14 @@ class TrackingWarning(UserWarning):
     """MLflow could not be reached or refused a request; the run goes on."""
 
 
+def param_key(key: str) -> str:
+    """A parameter's key as MLflow takes it: a graph path's `[name]` selector becomes `:name`
+    (`nodes.pmap[patch_fixed].stride` -> `nodes.pmap:patch_fixed.stride`) and any other character
+    MLflow refuses becomes `_`, so a sampled choice is never dropped for its spelling."""
+    key = key.replace("[", ":").replace("]", "")
+    return re.sub(r"[^\w./\- :]", "_", key)
+
+
 def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested dicts and lists to dotted keys with string values: {"a": {"b": [1]}} -> {"a.b.0": "1"}."""
     if not isinstance(d, Mapping):
@@ -300,7 +308,7 @@ class Tracker:
         if self._client is None:
             return
         Param = self._mlflow["Param"]
-        flat = flatten(params).items()
+        flat = ((param_key(k), v) for k, v in flatten(params).items())
         items = [Param(k, truncate(v, PARAM_VALUE_LIMIT)) for k, v in flat if self._sendable(k)]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self._send("log_params", "log_batch", params=chunk)

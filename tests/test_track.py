@@ -67,6 +67,18 @@ def test_params_flattened_truncated_and_batched(uri, tmp_path):
     assert got["many.149"] == "149"  # 154 params: more than one batch of 100
 
 
+def test_param_keys_with_graph_selectors_arrive_under_a_key_mlflow_takes(uri, tmp_path):
+    # a family's sampled choice is named by its graph path, `[name]` selectors included
+    params = {"nodes.pmap[patch_fixed].stride": 4, "vars.buckets": 1024, "odd key?": "x"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracker(uri, tmp_path) as t:
+            t.log_params(params)
+    got = MlflowClient(uri).get_run(t.run_id).data.params
+    assert got == {"nodes.pmap:patch_fixed.stride": "4", "vars.buckets": "1024", "odd key_": "x"}
+    assert not ours(caught)
+
+
 def test_refused_request_or_bad_key_warns_and_stays_online(uri, tmp_path):
     with tracker(uri, tmp_path) as t:
         t.log_params({"lr": 1})
