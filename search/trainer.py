@@ -191,7 +191,8 @@ class Trainer:
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                 if done or self.progress() >= next_eval:
                     stop = self._evaluate()
-                    self._checkpoint(force=done or stop)
+                    if not stop:  # a pruned run is never resumed: its checkpoint would be waste
+                        self._checkpoint(force=done)
                     next_eval = self._next_eval()
                     last_log_t = time.perf_counter()
                     if stop:

@@ -146,3 +146,19 @@ def test_bad_graph_exits_2_without_a_traceback(tmp_path):
     out = train(tmp_path, "--set", "n_head=5", "--tokens", "1000")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "not divisible by heads=5" in out.stderr
+
+
+def test_a_pruned_run_writes_no_final_checkpoint_but_a_completed_one_does(tmp_path):
+    # a pruned trial is never resumed: checkpointing it costs device time for nothing
+    from search.setup import RunConfig
+    from search.train import run_training
+
+    def run(out, stop):
+        return run_training(RunConfig(graph=str(ROOT / "graphs" / "gpt2.yaml"), size="tiny",
+                                      max_tokens=4096, evals=2, eval_bytes=2048, track=False,
+                                      out=str(out), progress=False, checkpoint=True),
+                            on_eval=lambda tokens, metrics: stop)
+    pruned, completed = run(tmp_path / "p", True), run(tmp_path / "c", False)
+    assert pruned.status == "pruned" and completed.status == "completed"
+    assert not list((tmp_path / "p").glob("step_*"))
+    assert list((tmp_path / "c").glob("step_*"))
