@@ -323,6 +323,55 @@ def test_cross_attention_matches_hugging_face_blt(side):
     torch.testing.assert_close(got[0, rows], want[0, rows], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stack", ["encoder", "latent", "decoder"])
+def test_transformer_layers_match_hugging_face_blt(stack):
+    """Our encoder, global and decoder self-attention layers (RMSNorm, RoPE attention with
+    theta 500000, SwiGLU, standard residuals) against HF's BltTransformerLayer with mapped weights
+    (fp64 in, eager, causal). BLT's RoPE rotates interleaved pairs (2i, 2i+1), ours Llama's halves
+    (i, i + d/2): the same rotation after permuting each head's q and k rows, which the map does.
+    The decoder layer's self-attention part is compared (its cross-attention is tested above)."""
+    hf = pytest.importorskip("transformers.models.blt.modeling_blt")
+    from transformers.models.blt.configuration_blt import BltGlobalTransformerConfig
+    model = blt_model(extra=("n_decoder=1",))
+    layer = getattr(model, stack)[0]
+    attn = layer.attn
+    d, h = attn.qkv.in_features, attn.h
+    dh = d // h
+    cfg = BltGlobalTransformerConfig(hidden_size=d, num_attention_heads=h, num_key_value_heads=h,
+                                     intermediate_size=layer.mlp.proj.in_features,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                     rms_norm_eps=layer.n1.cfg.eps, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    theirs = hf.BltTransformerLayer(cfg, layer_idx=0).double().eval()
+    rope = hf.BltRotaryEmbedding(cfg).double()
+    # HF row 2i+e of a head (pair i, element e) is our row i + e * dh/2
+    perm = torch.tensor([i + e * dh // 2 for i in range(dh // 2) for e in (0, 1)])
+    heads = lambda w: w.view(h, dh, d)[:, perm].reshape(d, d)     # noqa: E731
+    q, k, v = attn.qkv.weight.detach().split(d)
+    gate, up = layer.mlp.fc.weight.detach().chunk(2)
+    with torch.no_grad():
+        for name, w in (("self_attn.q_proj", heads(q)), ("self_attn.k_proj", heads(k)),
+                        ("self_attn.v_proj", v), ("self_attn.o_proj", attn.proj.weight),
+                        ("mlp.gate_proj", gate), ("mlp.up_proj", up), ("mlp.down_proj", layer.mlp.proj.weight),
+                        ("input_layernorm", layer.n1.weight), ("post_attention_layernorm", layer.n2.weight)):
+            theirs.get_submodule(name).weight.copy_(w + 0.1 * torch.randn_like(w) * ("norm" in name))
+        layer.n1.weight.copy_(theirs.input_layernorm.weight)
+        layer.n2.weight.copy_(theirs.post_attention_layernorm.weight)
+        T = 24
+        x = torch.randn(2, T, d, dtype=torch.float64)
+        cos, sin = rope(x, torch.arange(T)[None].expand(2, -1))
+        causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+        want = theirs(x, attention_mask=causal, position_embeddings=(cos, sin))
+        want = want[0] if isinstance(want, tuple) else want
+        if stack == "decoder":   # self-attention and MLP only: drop the cross-attention residual
+            got = x + attn(layer.n1(x))
+            got = got + layer.mlp(layer.n2(got))
+        else:
+            got = layer(x)[0]
+    # HF's RMSNorm and RoPE tables work in fp32 whatever the input dtype: fp32-level agreement
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
 def test_patch_stats_report_mean_patch_length_and_reset():
     from blocks.blt_patch import patch_stats
     model = blt_model(PATCHERS["fixed"])          # stride 3 over 32 bytes: 11 patches per row
