@@ -7,7 +7,8 @@ sublayer's input is a mix of the streams) and hc_write (depth + width connection
 H'_t = sum_u A_r[u, t] H_u + sum_f B[f, t] y_f) -> hc_collapse (once, before the final norm).
 Read and write each compute their dynamic coefficients from the same streams H (normed), which
 is the paper's single HC split in two; the norm has no gain because the projection after it
-would absorb one. Initialised so that the model equals Pre-Norm at step 0. Math: hyper_ops.py.
+would absorb one. Initialised so that the model equals Pre-Norm at step 0. Math: hyper_ops.py;
+`impl` runs mode mhc through Liger's fused mHC kernels instead (blocks/liger.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from blocks import hyper_ops as ops
+from blocks import liger
 from blocks.kinds import KindError, expect, expect_count, hidden, streams
 from blocks.registry import Block, param, register
 
@@ -28,13 +30,25 @@ MODES = ("static", "dynamic", "mhc")
 # converges at the rate of the second eigenvalue, and near a permutation 20 iterations leave
 # row sums ~1e-3 off; from here they reach 1 to fp32 precision (tests/test_hyper.py).
 MHC_PRE_LOGIT, MHC_RES_LOGIT = 2.0, 1.0
+IMPL_DOC = ("mode mhc's " + liger.IMPL_DOC + "; liger needs a power-of-two number of streams "
+            "(static and dynamic have no Liger op: torch or auto)")
 
 
-def _streams_in(ins, mode: str):
+def _streams_in(ins, cfg):
     k = expect(ins, 0, "streams")
-    if mode == "mhc" and (k.frac or 1) > 1:
+    if cfg.mode == "mhc" and (k.frac or 1) > 1:
         raise KindError("mode mhc does not combine with frac-connections (frac > 1)", 0)
+    why = liger.mhc_unsupported(k.n) if cfg.mode == "mhc" and cfg.impl == "liger" else None
+    if why:
+        raise KindError(f"impl liger cannot run this mHC: {why}; use impl torch or auto", 0)
     return k
+
+
+def _check_impl(cfg):
+    if cfg.impl == "liger" and cfg.mode != "mhc":
+        return (f"impl liger: Liger has a fused op for mode mhc only, not {cfg.mode}; "
+                "use impl torch or auto")
+    return None
 
 
 class _Model(Block):
@@ -115,6 +129,15 @@ class _Connection(Block):
             raise ValueError(f"{self.type_name} '{self.ctx.node}': streams of shape "
                              f"{tuple(h.shape)}, expected (..., {self.u}, {self.w})")
 
+    def _run_mhc(self, op, h, *args):
+        """op of blocks/liger.py by `impl`; where Liger cannot take these streams, liger refuses
+        (naming this node) and auto runs the twin."""
+        impl = self.cfg.impl
+        why = None if h.device.type == "meta" else liger.mhc_unsupported(self.u, h.dtype)
+        if why and impl == "liger":
+            raise RuntimeError(f"{self.type_name} '{self.ctx.node}': impl liger: {why}")
+        return liger.run(op, "torch" if why else impl, h, *args)
+
     def no_decay(self):
         # decay would pull A_r and the one-hot A_m towards 0, away from the residual
         return {n for n, _ in self.named_parameters()}
@@ -145,11 +168,16 @@ class HCRead(_Connection):
                                         "(default: the layer index)", min=0, max=1_000_000)
         scale_init: float = param(0.01, "initial scale s_alpha of the dynamic part", min=0.0, max=10.0)
         eps: float = param(1e-6, "eps of the norm the dynamic part reads", min=0.0, max=1.0)
+        impl: str = param("torch", IMPL_DOC, choices=liger.IMPLS)
+
+    @classmethod
+    def check_config(cls, cfg):
+        return _check_impl(cfg)
 
     @classmethod
     def infer(cls, cfg, ins):
         expect_count(ins, 1)
-        k = _streams_in(ins, cfg.mode)
+        k = _streams_in(ins, cfg)
         return (hidden(k.width * (k.frac or 1), k.seq),)
 
     def __init__(self, cfg, ins, ctx):
@@ -188,9 +216,7 @@ class HCRead(_Connection):
     def coefficients(self, h):
         """A_m (..., U, m): the weight of piece u in fraction f of the sublayer input."""
         if self.cfg.mode == "mhc":
-            x = ops.rms_normed(h, self.cfg.eps, dims=2)
-            pre = torch.sigmoid(self.pre_scale * (x.to(self.pre_proj.dtype) @ self.pre_proj) + self.pre_bias)
-            return pre.unsqueeze(-1)
+            return ops.mhc_pre(h, self.pre_proj, self.pre_bias, self.pre_scale, self.cfg.eps).unsqueeze(-1)
         if self.cfg.mode == "dynamic":
             x = ops.rms_normed(h, self.cfg.eps)
             return self.a_m + self.s_alpha * torch.tanh(x.to(self.w_m.dtype) @ self.w_m)
@@ -198,6 +224,9 @@ class HCRead(_Connection):
 
     def forward(self, h):
         self._check(h)
+        if self.cfg.mode == "mhc":
+            return self._run_mhc("mhc_read", h, self.pre_proj, self.pre_bias, self.pre_scale,
+                                 self.cfg.eps)
         return ops.mix(self.coefficients(h), h).flatten(-2)
 
 
@@ -219,11 +248,16 @@ class HCWrite(_Connection):
         eps: float = param(1e-6, "eps of the norm the dynamic part reads", min=0.0, max=1.0)
         sinkhorn_iters: int = param(20, "mhc: Sinkhorn-Knopp iterations (row then column)",
                                     min=1, max=1000)
+        impl: str = param("torch", IMPL_DOC, choices=liger.IMPLS)
+
+    @classmethod
+    def check_config(cls, cfg):
+        return _check_impl(cfg)
 
     @classmethod
     def infer(cls, cfg, ins):
         expect_count(ins, 2)
-        h = _streams_in(ins, cfg.mode)
+        h = _streams_in(ins, cfg)
         y = expect(ins, 1, "hidden")
         if (y.width, y.seq) != (h.width * (h.frac or 1), h.seq):
             raise KindError(f"the sublayer output {y} does not match the streams {h}", 1)
@@ -266,15 +300,13 @@ class HCWrite(_Connection):
 
     def res_matrix(self, h):
         """mhc: DeepSeek's H_res (..., n, n), doubly stochastic; x'_i = sum_j H_res[i, j] x_j."""
-        x = ops.rms_normed(h, self.cfg.eps, dims=2).to(self.res_proj.dtype)
-        logits = self.res_scale * (x @ self.res_proj).unflatten(-1, (self.u, self.u)) + self.res_bias
-        return ops.sinkhorn(logits, self.cfg.sinkhorn_iters)
+        return ops.mhc_res(h, self.res_proj, self.res_bias, self.res_scale, self.cfg.eps,
+                           self.cfg.sinkhorn_iters)
 
     def coefficients(self, h):
         """(A_r (..., U, U), B (..., m, U)) as in H'_t = sum_u A_r[u, t] H_u + sum_f B[f, t] y_f."""
         if self.cfg.mode == "mhc":
-            x = ops.rms_normed(h, self.cfg.eps, dims=2).to(self.post_proj.dtype)
-            post = 2 * torch.sigmoid(self.post_scale * (x @ self.post_proj) + self.post_bias)
+            post = ops.mhc_post(h, self.post_proj, self.post_bias, self.post_scale, self.cfg.eps)
             return self.res_matrix(h).transpose(-1, -2), post.unsqueeze(-2)
         if self.cfg.mode == "dynamic":
             x = ops.rms_normed(h, self.cfg.eps).to(self.w_r.dtype)
@@ -285,6 +317,10 @@ class HCWrite(_Connection):
 
     def forward(self, h, y):
         self._check(h)
+        if self.cfg.mode == "mhc":
+            return self._run_mhc("mhc_write", h, y, self.res_proj, self.res_bias, self.res_scale,
+                                 self.post_proj, self.post_bias, self.post_scale, self.cfg.eps,
+                                 self.cfg.sinkhorn_iters)
         a_r, beta = self.coefficients(h)
         return ops.mix(a_r, h) + ops.mix(beta, ops.split(y, self.m))
 

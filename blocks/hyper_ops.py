@@ -55,6 +55,40 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return p
 
 
+def mhc_pre(h, proj, bias, scale, eps: float) -> torch.Tensor:
+    """mHC's pre gate H_pre (..., n) = sigmoid(scale * x~ proj + bias), x~ = RMSNorm(vec H)."""
+    x = rms_normed(h, eps, dims=2)
+    return torch.sigmoid(scale * (x.to(proj.dtype) @ proj) + bias)
+
+
+def mhc_post(h, proj, bias, scale, eps: float) -> torch.Tensor:
+    """mHC's post gate H_post (..., n) = 2 sigmoid(scale * x~ proj + bias)."""
+    x = rms_normed(h, eps, dims=2).to(proj.dtype)
+    return 2 * torch.sigmoid(scale * (x @ proj) + bias)
+
+
+def mhc_res(h, proj, bias, scale, eps: float, iters: int) -> torch.Tensor:
+    """mHC's H_res (..., n, n) = Sinkhorn(scale * mat(x~ proj) + bias); x'_i = sum_j H_res[i, j] x_j."""
+    n = h.shape[-2]
+    x = rms_normed(h, eps, dims=2).to(proj.dtype)
+    return sinkhorn(scale * (x @ proj).unflatten(-1, (n, n)) + bias, iters)
+
+
+def mhc_read(h, proj, bias, scale, eps: float) -> torch.Tensor:
+    """mHC's width connection (..., n, d) -> (..., d): h_in = sum_i H_pre[i] H_i."""
+    return mix(mhc_pre(h, proj, bias, scale, eps).unsqueeze(-1), h).flatten(-2)
+
+
+def mhc_write(h, y, res_proj, res_bias, res_scale, post_proj, post_bias, post_scale, eps: float,
+              iters: int) -> torch.Tensor:
+    """mHC's depth and width connection: H' = H_res H + H_post^T y, (..., n, d)."""
+    # post before res: this order fixes autograd's summation order of h's gradient (bitwise
+    # what the block computed before Liger's op was added)
+    post = mhc_post(h, post_proj, post_bias, post_scale, eps)
+    res = mhc_res(h, res_proj, res_bias, res_scale, eps, iters)
+    return mix(res.transpose(-1, -2), h) + mix(post.unsqueeze(-2), split(y, 1))
+
+
 def split(x: torch.Tensor, m: int) -> torch.Tensor:
     """(..., d) -> (..., m, d/m): the fractions of a hidden state."""
     return x.unflatten(-1, (m, x.shape[-1] // m))

@@ -15,6 +15,8 @@ input: we pass inplace=False where the version has it, else a copy); fused linea
 accumulates the weight gradient in fp32 (accum_dtype; bf16 accumulation diverges) and runs
 outside compiled regions (it fails inside one on torch 2.11 + liger-kernel 0.8.5). Liger's
 LayerNorm defaults (eps 1e-6, no bias) never apply: our blocks pass their own eps and bias.
+mHC (hc_read / hc_write, mode mhc): our parameters are laid into Liger's fused phi / b / alphas
+(`mhc_liger_args`) with pre_eps 0, sinkhorn_eps 0 and post_mult 2, which is our math exactly.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from blocks import hyper_ops
 
 IMPLS = ("torch", "liger", "auto")
 IMPL_DOC = ("kernel backend: torch (the plain twin), liger (Liger-Kernel's Triton kernel, CUDA "
@@ -83,7 +87,8 @@ def torch_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 40
 
 TWINS = {"rms_norm": rms_norm, "layer_norm": torch_layer_norm, "rope": torch_rope,
          "swiglu": torch_swiglu, "geglu": torch_geglu, "cross_entropy": torch_cross_entropy,
-         "linear_cross_entropy": torch_linear_cross_entropy}
+         "linear_cross_entropy": torch_linear_cross_entropy,
+         "mhc_read": hyper_ops.mhc_read, "mhc_write": hyper_ops.mhc_write}
 
 
 # ----- the Liger side (imported only when called)
@@ -140,9 +145,59 @@ def liger_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 40
     return _flce_module(ignore_index)(weight, x, targets)   # Liger takes the weight first
 
 
+def mhc_liger_args(n: int, pre=None, post=None, res=None):
+    """Liger's (phi [n*d, n*n + 2n], b [n*n + 2n], alpha_pre, alpha_post, alpha_res) from our
+    (proj, bias, scale) of the pre, post and residual gates. Liger computes all three from one
+    phi, columns [pre | post | res], res row-major (row = output stream), as our proj / bias; a
+    gate left out gets zero columns and a zero scale (the caller discards its output)."""
+    like = next(g for g in (pre, post, res) if g is not None)[0]
+    parts = []
+    for gate, width in ((pre, n), (post, n), (res, n * n)):
+        proj, bias, scale = gate or (like.new_zeros(like.shape[0], width), like.new_zeros(width),
+                                     like.new_zeros(()))
+        parts.append((proj, bias.flatten(), scale))
+    return (torch.cat([p for p, _, _ in parts], 1), torch.cat([b for _, b, _ in parts]),
+            *(a for _, _, a in parts))
+
+
+def _mhc_options(eps, iters):
+    # ours: no eps after the pre sigmoid or in Sinkhorn, post gate 2 sigmoid; fp32 streams allowed
+    return dict(allow_fp32=True, tmax=iters, rms_eps=eps, pre_eps=0.0, sinkhorn_eps=0.0, post_mult=2.0)
+
+
+def mhc_unsupported(n: int, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why Liger's mHC kernels cannot compute our mHC on n streams of this dtype (None: they can)."""
+    if n & (n - 1):
+        return (f"{n} streams: Liger's mHC kernels index the streams with tl.arange, which takes "
+                "a power of two")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"streams of dtype {dtype}: Liger's mHC takes fp32, bf16 or fp16"
+    return None
+
+
+def liger_mhc_read(h, proj, bias, scale, eps):
+    f = _functional()
+    x = h.to(torch.promote_types(h.dtype, proj.dtype))   # the twin's output dtype
+    args = mhc_liger_args(h.shape[-2], pre=(proj, bias, scale))
+    # H_res is discarded here: one Sinkhorn step (tmax 1) saves the iterations and their history
+    pre, _, _ = f.liger_mhc_coeffs(x, *args, **_mhc_options(eps, 1))
+    return f.liger_mhc_pre(x, pre)
+
+
+def liger_mhc_write(h, y, res_proj, res_bias, res_scale, post_proj, post_bias, post_scale, eps, iters):
+    f = _functional()
+    # the twin's H_res is fp32, so its output is fp32 for any stream dtype; Liger returns x's dtype
+    x = h.to(torch.promote_types(h.dtype, torch.float32))
+    args = mhc_liger_args(h.shape[-2], post=(post_proj, post_bias, post_scale),
+                          res=(res_proj, res_bias, res_scale))
+    _, post, res = f.liger_mhc_coeffs(x, *args, **_mhc_options(eps, iters))
+    return f.liger_mhc_post_res(x, y, post, res)
+
+
 LIGER = {"rms_norm": liger_rms_norm, "layer_norm": liger_layer_norm, "rope": liger_rope,
          "swiglu": liger_swiglu, "geglu": liger_geglu, "cross_entropy": liger_cross_entropy,
-         "linear_cross_entropy": liger_linear_cross_entropy}
+         "linear_cross_entropy": liger_linear_cross_entropy,
+         "mhc_read": liger_mhc_read, "mhc_write": liger_mhc_write}
 
 
 # ----- selection

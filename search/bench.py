@@ -50,7 +50,8 @@ def matmul_peak(device) -> float | None:
 
 
 IMPL_TYPES = {"attention", "cross_entropy", "geglu", "layernorm", "linear_cross_entropy", "rmsnorm",
-              "swiglu"}   # the blocks with an `impl` field (blocks/liger.py)
+              "swiglu", "hc_read", "hc_write"}   # the blocks with an `impl` field (blocks/liger.py)
+MHC_ONLY = {"hc_read", "hc_write"}   # Liger has an op for their mode mhc only (the others refuse liger)
 
 
 def base_name(spec: str) -> str:
@@ -79,11 +80,17 @@ def variant_sets(spec: str, size: str | None) -> list[str]:
         raise SystemExit(f"model {spec!r}: variant @{variant} is not one of liger, auto, torch, flce, chunked")
     out = []
 
+    def takes_impl(node: dict) -> bool:
+        if node.get("type") not in MHC_ONLY:
+            return node.get("type") in IMPL_TYPES
+        mode = node.get("mode", "static")
+        return g.data["vars"].get(mode, mode) == "mhc"   # `mode: hc` names a variable
+
     def walk(group: dict, prefix: str) -> None:
         for key, node in group.items():
             if "body" in node:
                 walk(node["body"], f"{prefix}{key}.body.")
-            elif node.get("type") in IMPL_TYPES:
+            elif takes_impl(node):
                 out.append(f"nodes.{prefix}{key}.impl={variant}")
     walk(nodes, "")
     return sets + out

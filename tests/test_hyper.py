@@ -4,6 +4,8 @@ collapse once per model, mHC's doubly stochastic residual matrices, and the DHC 
 against an independent per-token implementation of the papers' equations written here."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -310,3 +312,108 @@ def test_compiled_bf16_step_matches_eager(mode):
         eager = m(idx, tgt)[1]
         compiled = torch.compile(m, fullgraph=False)(idx, tgt)[1]
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+# ----- Liger's fused mHC as a backend (blocks/liger.py; the GPU parity is in tests/test_liger.py)
+
+def liger_equations(x, phi, b, a_pre, a_post, a_res, *, tmax, rms_eps, pre_eps, sinkhorn_eps,
+                    post_mult, allow_fp32):
+    """Liger's mHC coefficients as liger_kernel/ops/mhc.py (0.8.5) defines them, written out:
+    one projection of the flattened streams, columns [pre | post | res], scaled by the RMS of
+    the input; Sinkhorn starts with a row softmax and adds sinkhorn_eps at every normalisation."""
+    n = x.shape[-2]
+    v = x.flatten(-2)
+    mix = (v @ phi) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + rms_eps)
+    pre = torch.sigmoid(a_pre * mix[..., :n] + b[:n]) + pre_eps
+    post = post_mult * torch.sigmoid(a_post * mix[..., n:2 * n] + b[n:2 * n])
+    m = torch.softmax((a_res * mix[..., 2 * n:] + b[2 * n:]).unflatten(-1, (n, n)), -1) + sinkhorn_eps
+    m = m / (m.sum(-2, keepdim=True) + sinkhorn_eps)
+    for _ in range(tmax - 1):
+        m = m / (m.sum(-1, keepdim=True) + sinkhorn_eps)
+        m = m / (m.sum(-2, keepdim=True) + sinkhorn_eps)
+    return pre, post, m
+
+
+def mhc_pair(n, d, eps, iters, impl="torch"):
+    import blocks
+    kind = streams(n, d)
+    read = blocks.get("hc_read")(blocks.get("hc_read").Config(mode="mhc", eps=eps, impl=impl),
+                                 [kind], Context("x", layer=1, n_layer=2))
+    write = blocks.get("hc_write")(blocks.get("hc_write").Config(mode="mhc", eps=eps, impl=impl,
+                                                                 sinkhorn_iters=iters),
+                                   [kind, hidden(d)], Context("y", layer=1, n_layer=2))
+    for i, blk in enumerate((read, write)):
+        blk.double().init_weights(None)
+        perturb(blk, seed=i + 7, std=0.3)
+    return read, write
+
+
+@pytest.mark.parametrize("eps, iters", [(1e-6, 20), (0.0, 3), (1e-2, 1)])
+def test_our_parameters_in_liger_equations_give_our_mhc(eps, iters):
+    """The mapping onto Liger's arguments (mhc_liger_args, and the options: pre_eps 0,
+    sinkhorn_eps 0, post_mult 2, rms_eps = our eps, tmax = our iterations) is our math, fp64."""
+    from blocks import liger
+    read, write = mhc_pair(4, 8, eps, iters)
+    h, y = torch.randn(2, 3, 4, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    args = liger.mhc_liger_args(4, pre=(read.pre_proj, read.pre_bias, read.pre_scale))
+    pre, _, _ = liger_equations(h, *args, **liger._mhc_options(eps, 1))
+    torch.testing.assert_close(read(h), (pre.unsqueeze(-1) * h).sum(-2), rtol=1e-12, atol=1e-12)
+    args = liger.mhc_liger_args(4, post=(write.post_proj, write.post_bias, write.post_scale),
+                                res=(write.res_proj, write.res_bias, write.res_scale))
+    _, post, res = liger_equations(h, *args, **liger._mhc_options(eps, iters))
+    want = res @ h + post.unsqueeze(-1) * y.unsqueeze(-2)   # x'[o] = sum_i res[o, i] x_i + post[o] y
+    torch.testing.assert_close(write(h, y), want, rtol=1e-12, atol=1e-12)
+    # Liger's own defaults (sinkhorn_eps 1e-6) would not be our mHC
+    _, _, res_default = liger_equations(h, *args, **{**liger._mhc_options(eps, iters), "sinkhorn_eps": 1e-6})
+    assert (res_default - res).abs().max() > 1e-8
+
+
+def test_impl_liger_on_static_or_dynamic_connections_is_refused_at_the_node():
+    with pytest.raises(GraphError, match="a_read: impl liger: Liger has a fused op for mode mhc only"):
+        hyper("dynamic", sets=["nodes.layers.body.a_read.impl=liger"])
+    with pytest.raises(GraphError, match="m_write.*impl liger.*mode mhc only, not static"):
+        hyper("static", sets=["nodes.layers.body.m_write.impl=liger"])
+    hyper("dynamic", sets=["nodes.layers.body.a_read.impl=auto"])   # auto: the twin
+
+
+def test_impl_liger_needs_a_power_of_two_number_of_streams():
+    with pytest.raises(GraphError, match=r"m_write.*impl liger cannot run this mHC: 3 streams.*power of two"):
+        hyper("mhc", n=3, sets=["nodes.layers.body.m_write.impl=liger"])
+
+
+HC_IMPL = [f"nodes.layers.body.{n}.impl=auto" for n in ("a_read", "a_write", "m_read", "m_write")]
+
+
+def test_mhc_with_impl_auto_on_cpu_is_the_twin_exactly():
+    m, twin = hyper("mhc", sets=HC_IMPL), hyper("mhc")
+    perturb(m, std=0.1)
+    twin.load_state_dict(m.state_dict())   # the backends share every parameter name
+    idx, tgt = batch(3)
+    (la, loss_a), (lb, loss_b) = m(idx, tgt), twin(idx, tgt)
+    assert torch.equal(la, lb) and torch.equal(loss_a, loss_b)
+
+
+@pytest.mark.parametrize("n, dtype", [(3, torch.float32), (4, torch.float64)])
+def test_where_liger_cannot_take_the_streams_auto_runs_the_twin_and_liger_refuses(n, dtype, monkeypatch):
+    """Even where Liger could run (CUDA pretended): 3 streams (tl.arange takes powers of two) and
+    fp64 (Liger's mHC takes fp32, bf16, fp16) fall back under auto, and impl liger says why."""
+    from blocks import liger
+    monkeypatch.setattr(liger, "can_run", lambda device: True)
+    auto, twin = (mhc_pair(n, 8, 1e-6, 20, impl) for impl in ("auto", "torch"))
+    h, y = torch.randn(2, 3, n, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    a_read, a_write, t_read, t_write = (b.to(dtype) for b in (*auto, *twin))
+    h, y = h.to(dtype), y.to(dtype)
+    assert torch.equal(a_read(h), t_read(h)) and torch.equal(a_write(h, y), t_write(h, y))
+    assert not [k for k in liger._AUTO if k[0].startswith("mhc")]   # nothing was benchmarked
+    a_read.cfg = dataclasses.replace(a_read.cfg, impl="liger")
+    with pytest.raises(RuntimeError, match="hc_read 'x': impl liger: .*(power of two|float64)"):
+        a_read(h)
+
+
+def test_bench_variant_liger_puts_the_liger_mhc_on_mhc_connections_only():
+    from search.bench import variant_sets
+    sets = variant_sets("hyper+hc=mhc@liger", "tiny")
+    assert {f"nodes.layers.body.{n}.impl=liger" for n in ("a_read", "a_write", "m_read", "m_write")} <= set(sets)
+    dyn = variant_sets("hyper@liger", "tiny")   # dynamic connections have no Liger op
+    assert not [s for s in dyn if "_read." in s or "_write." in s] and "nodes.norm.impl=liger" in dyn
+    graphs.elaborate(graphs.load(HYPER, size="tiny", sets=dyn).resolve())   # not refused
