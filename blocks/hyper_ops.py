@@ -47,8 +47,10 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     normalisation, giving a (nearly) doubly stochastic matrix; computed in at least fp32."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(dtype)
-    # subtracting a per-matrix constant leaves the result unchanged and keeps exp finite
-    p = torch.exp(z - z.amax(dim=(-2, -1), keepdim=True).detach())
+    # the first row normalisation is blind to a constant per row: subtracting each row's max
+    # keeps exp finite and every row's sum >= 1 (a per-matrix max let a row whose logits lay ~90
+    # below the matrix's max underflow to zeros, and 0 / 0 made the whole stream mix NaN)
+    p = torch.exp(z - z.amax(dim=-1, keepdim=True).detach())
     for _ in range(iters):
         p = p / p.sum(dim=-1, keepdim=True)
         p = p / p.sum(dim=-2, keepdim=True)

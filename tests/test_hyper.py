@@ -201,6 +201,21 @@ def test_sinkhorn_matches_an_independent_loop():
     torch.testing.assert_close(ops.sinkhorn(logits, 20), want, rtol=1e-12, atol=1e-12)
 
 
+def test_sinkhorn_stays_finite_and_doubly_stochastic_for_logits_far_apart():
+    """A row of logits 150 below another's (a large learned res_scale) is still a distribution:
+    exp of the row alone is what the first row normalisation sees."""
+    logits = torch.tensor([[[200.0, 199.0, 198.0, 197.0], [50.0, 49.0, 48.0, 51.0],
+                            [0.0, 1.0, 2.0, 3.0], [-5.0, -4.0, -6.0, -3.0]]], requires_grad=True)
+    p = ops.sinkhorn(logits, 20)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(p.sum(-2), torch.ones(1, 4), atol=1e-6, rtol=0)
+    p[0, 0, 0].backward()
+    assert torch.isfinite(logits.grad).all()
+    want = ops.sinkhorn(logits.double() - 100, 20)                  # shifted: no underflow in fp64
+    torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-6)
+
+
 # ----- the blocks against the papers' equations, token by token (fp64, random parameters)
 
 def blocks_for(mode, n=3, d=8, frac=1):
