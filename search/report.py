@@ -84,7 +84,10 @@ def late_rises(study, rel: float = 0.05) -> list[tuple]:
     the study ranks such trials by a number worse than they reached: the summary says so."""
     out = []
     for t in study.get_trials(deepcopy=False):
-        iv = sorted(t.intermediate_values.items())
+        # steps are evaluation indices; their tokens are user attributes (studies from before
+        # that change reported tokens as the step)
+        a = t.user_attrs
+        iv = sorted((a.get(f"tokens_at_eval_{k}", k), v) for k, v in t.intermediate_values.items())
         if t.state.name != "COMPLETE" or len(iv) < 2 or "duplicate_of" in t.user_attrs:
             continue
         (best_at, best), (last_at, last) = min(iv, key=lambda kv: kv[1]), iv[-1]

@@ -249,16 +249,27 @@ class Objective:
     def _on_eval(self, trial, started):
         cfg = self.cfg
 
+        evals = 0
+
         def report(tokens: int, metrics: dict) -> bool:
+            nonlocal evals
+            evals += 1
             if cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) <= 0:
                 trial.set_user_attr("prune_reason", "the study's device-time budget ran out mid-trial")
                 return True
             if self.multi:
                 return False  # Optuna prunes single-objective studies only
             value = metrics["val/bpb"] if cfg.objective == "val_bpb" else metrics["val/loss"]
-            trial.report(value, step=tokens)
-            if trial.should_prune():
-                trial.set_user_attr("prune_reason", f"pruner: {value:.4f} at {tokens:,} tokens")
+            # the step is the evaluation's index, not the tokens seen: trials train for equal time,
+            # so evaluation k of every trial comes after the same training time (with equal tokens,
+            # after the same tokens) and the pruners compare like with like at the same step; token
+            # steps differ between architectures, which left the median pruner nothing to compare
+            # and stacked all of successive halving's rungs onto the first evaluation
+            trial.report(value, step=evals)
+            trial.set_user_attr(f"tokens_at_eval_{evals}", tokens)
+            if evals < cfg.evals and trial.should_prune():   # after the last, nothing is left to save
+                trial.set_user_attr("prune_reason", f"pruner: {cfg.objective} {value:.4f} at "
+                                                    f"evaluation {evals} of {cfg.evals} ({tokens:,} tokens)")
                 return True
             return False
         return report

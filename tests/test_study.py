@@ -67,11 +67,73 @@ def test_a_score_that_rises_again_late_is_called_out_in_the_summary():
               2: {50: 1.50, 100: 1.52, 200: 1.55}}      # flat within 5%: not called out
     for n, curve in curves.items():
         study.add_trial(optuna.trial.create_trial(
-            value=list(curve.values())[-1], intermediate_values={k * 10**6: v for k, v in curve.items()},
+            value=list(curve.values())[-1],
+            intermediate_values={i + 1: v for i, v in enumerate(curve.values())},  # steps: evaluations
             params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-4, 1e-2)},
-            user_attrs={"graph": "gpt2", "graph_hash": f"h{n}", "device_s": 10.0, "train_s": 8.0}))
+            user_attrs={"graph": "gpt2", "graph_hash": f"h{n}", "device_s": 10.0, "train_s": 8.0,
+                        **{f"tokens_at_eval_{i + 1}": k * 10**6 for i, k in enumerate(curve)}}))
     assert [r[0] for r in late_rises(study)] == [0]
     cfg = StudyConfig(files=[GPT2], study="s", storage="sqlite://")
     text = summary(cfg, study)
     assert "rose again late in 1 of 3 completed trials" in text
     assert "trial 0: 1.6050 at 57.0M tokens, then 2.6990 at 228.0M" in text
+
+
+def _evaluations(pruner_name, curves: list[list[float]], tokens_per_eval: list[int], evals=3):
+    """Trials of different speeds (tokens per evaluation) reporting through the study's own
+    callback; returns each trial's (state, evaluations it reached)."""
+    import time
+    from search.run import pruner
+    from search.study import Objective
+    cfg = StudyConfig(files=[GPT2], study="s", storage="sqlite://", budget_s=1e9, evals=evals,
+                      pruner=pruner_name)
+    obj = Objective(cfg, {})
+    study = optuna.create_study(pruner=pruner(pruner_name, evals) if isinstance(pruner_name, str)
+                                else pruner_name)
+    out = []
+    for curve, per in zip(curves, tokens_per_eval):
+        t = study.ask()
+        report = obj._on_eval(t, time.time())
+        reached, pruned = 0, False
+        for k, v in enumerate(curve, 1):
+            reached = k
+            if report(k * per, {"val/bpb": v, "val/loss": v}):
+                pruned = True
+                break
+        if pruned:
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(t, curve[-1])
+        out.append((study.trials[-1].state.name, reached, study.trials[-1].user_attrs))
+    return out
+
+
+def test_pruners_compare_trials_of_different_speeds_at_the_same_evaluation():
+    """Trials train for equal time, so a fast architecture reaches evaluation k with more tokens
+    than a slow one. The pruners rank evaluation k against evaluation k: steps are evaluation
+    indices. (With tokens as the step the median pruner found nothing at a slow trial's step and
+    never pruned, and successive halving stacked all its rungs on the first evaluation.)"""
+    curves = [[3.0, 2.5, 2.2], [3.1, 2.6, 2.3], [2.9, 2.4, 2.1], [4.0, 3.5, 3.0]]
+    speeds = [1000, 3000, 1700, 2300]
+    med = _evaluations("median", curves, speeds)
+    assert [(s, n) for s, n, _ in med] == [("COMPLETE", 3)] * 3 + [("PRUNED", 1)]
+    assert med[3][2]["prune_reason"] == "pruner: val_bpb 4.0000 at evaluation 1 of 3 (2,300 tokens)"
+    assert [med[1][2][f"tokens_at_eval_{k}"] for k in (1, 2, 3)] == [3000, 6000, 9000]
+
+    # successive halving keeps the best third at evaluation 1; the first trial has no rival yet
+    sh = _evaluations("sh", [[3.0, 2.5, 2.2], [2.0, 1.9, 1.8], [3.5, 1.0, 0.5], [1.5, 1.4, 1.3]],
+                      speeds)
+    assert [(s, n) for s, n, _ in sh] == [("COMPLETE", 3), ("COMPLETE", 3), ("PRUNED", 1),
+                                          ("COMPLETE", 3)]
+
+
+def test_the_last_evaluation_never_prunes():
+    """A trial that reached its last evaluation has spent its budget: pruning it would save no
+    device time and throw its result away."""
+    class PrunesFromTheThird(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.last_step >= 3
+
+    three = _evaluations(PrunesFromTheThird(), [[3.0, 2.5, 2.2]], [1000], evals=3)
+    four = _evaluations(PrunesFromTheThird(), [[3.0, 2.5, 2.2, 2.0]], [1000], evals=4)
+    assert [(s, n) for s, n, _ in three + four] == [("COMPLETE", 3), ("PRUNED", 3)]
