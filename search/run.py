@@ -18,6 +18,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
+from optuna.trial import TrialState
+
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
 from search.study import Objective, StudyConfig, baseline_params, load_families
@@ -39,6 +42,40 @@ def default_files() -> list[str]:
     raise FileNotFoundError("no default graph found")
 
 
+class QueueSafeRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose WAITING -> RUNNING step, the pop of an enqueued trial (baselines,
+    retries of stale trials), is one conditional UPDATE. Optuna reads the state, then writes it;
+    SQLite takes no lock for the read (no SELECT ... FOR UPDATE), so workers popping together
+    both got one trial, both trained it, and the second one's tell crashed its worker ('Cannot
+    tell a COMPLETE trial'). tests/test_concurrency.py pops with 6 processes."""
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        if state != TrialState.RUNNING or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        from datetime import datetime
+
+        from optuna.storages._rdb import models
+        trials = models.TrialModel
+        session = self.scoped_session()
+        try:
+            n = session.query(trials).filter(trials.trial_id == trial_id,
+                                             trials.state == TrialState.WAITING) \
+                .update({trials.state: TrialState.RUNNING}, synchronize_session=False)
+            if n == 1:   # this transaction holds the write lock: the rest is ours alone
+                trials.find_or_raise_by_id(trial_id, session).datetime_start = datetime.now()
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+        if n == 1:
+            return True
+        # not waiting any more: Optuna's answer (False while running, an UpdateFinishedTrialError
+        # once finished), which its pop expects
+        return super().set_trial_state_values(trial_id, state, values)
+
+
 def storage(cfg: StudyConfig):
     import optuna.storages as st
     kw = {"connect_args": {"timeout": 60}} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True}
@@ -46,7 +83,7 @@ def storage(cfg: StudyConfig):
         retry = {"heartbeat_stale_trial_callback": st.RetryHeartbeatStaleTrialCallback(max_retry=1)}
     else:
         retry = {"failed_trial_callback": st.RetryFailedTrialCallback(max_retry=1)}
-    return _created_once(lambda: st.RDBStorage(cfg.storage, engine_kwargs=kw,
+    return _created_once(lambda: QueueSafeRDBStorage(cfg.storage, engine_kwargs=kw,
                                                heartbeat_interval=cfg.heartbeat_s,
                                                grace_period=3 * cfg.heartbeat_s, **retry))
 

@@ -162,3 +162,62 @@ def test_commands_started_together_on_a_new_postgres_database_all_create_its_sch
         for p in procs:
             p.join(120)
         assert [p.exitcode for p in procs] == [0] * 6, f"round {round_}"
+
+
+def _pop_all(url: str, barrier, popped) -> None:
+    import optuna
+
+    from search.run import storage
+    from search.study import StudyConfig
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="queue", storage=storage(
+        StudyConfig(files=[GPT2], study="queue", storage=url)))
+    barrier.wait()   # every process pops from the full queue at the same moment
+    while (trial_id := study._pop_waiting_trial_id()) is not None:   # what study.ask() does first
+        popped.put(trial_id)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_workers_popping_enqueued_trials_together_each_get_a_different_one(backend, tmp_path, request):
+    """Enqueued trials (the baselines, retries of a killed worker's trial) go to one worker each.
+    On SQLite Optuna's own pop let two workers take one (6 processes, 40 trials: 51-58 pops),
+    both trained it, and the second one's tell crashed its worker ('Cannot tell a COMPLETE
+    trial'; a CI failure of test_four_workers_share_sqlite_optuna_and_mlflow_stores)."""
+    import multiprocessing as mp
+
+    import optuna
+
+    from search.run import storage
+    from search.study import StudyConfig
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/optuna.db"
+    else:
+        base, _, _ = request.getfixturevalue("postgres_url").rpartition("/")
+        import psycopg2
+        conn = psycopg2.connect(host="127.0.0.1", port=int(base.rsplit(":", 1)[1]), user="postgres",
+                                dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE queue_pop")
+        conn.close()
+        url = f"{base}/queue_pop"
+    study = optuna.create_study(study_name="queue", storage=storage(
+        StudyConfig(files=[GPT2], study="queue", storage=url)))
+    for i in range(40):
+        study.enqueue_trial({"x": i})
+    ctx = mp.get_context("spawn")
+    barrier, popped = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_pop_all, args=(url, barrier, popped)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    ids = []
+    while len(ids) < 40 or any(p.is_alive() for p in procs):
+        try:
+            ids.append(popped.get(timeout=1))
+        except Exception:   # queue.Empty
+            if not any(p.is_alive() for p in procs):
+                break
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert sorted(Counter(ids).values()) == [1] * 40, Counter(ids).most_common(3)
+    assert all(t.state == optuna.trial.TrialState.RUNNING and t.datetime_start for t in study.trials)
