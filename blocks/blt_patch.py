@@ -204,6 +204,9 @@ class PatchEntropy(Patcher):
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
         self._lm = None   # loaded on first use and kept out of parameters, state_dict and optimiser
+        # the training batch's precomputed entropies [B, N], set by the loader from the cache of
+        # `python -m search.entropy cache` (search/setup.py); None: the entropy model scores
+        self.fed: torch.Tensor | None = None
 
     def entropy_model(self, device):
         if self._lm is None and self.cfg.model is not None and device.type != "meta":
@@ -217,6 +220,11 @@ class PatchEntropy(Patcher):
 
     @torch.compiler.disable  # a frozen side model: not part of the compiled training graph
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.fed is not None:
+            if self.fed.shape != ids.shape:
+                raise RuntimeError(f"{self.ctx.node}: cached entropies of shape "
+                                   f"{tuple(self.fed.shape)} for a batch of {tuple(ids.shape)}")
+            return self.fed.float()
         lm = self.entropy_model(ids.device)
         if lm is None:
             return torch.full(ids.shape, 5.5607, device=ids.device)  # ln 260

@@ -6,9 +6,12 @@
 
 `train` fits `graphs/blt_entropy.yaml` with the ordinary trainer and writes DIR/graph.yaml (the
 resolved graph) and DIR/model.safetensors: the folder `patch_entropy`'s `model:` names. `cache`
-scores every byte of a split once, in windows of the model's context, and stores the entropies
-(float16) as DIR/entropies/<data hash>-<split>.npy, so patching never runs a model in the data
-loader. `tune` bisects the threshold until the mean patch length on the cached entropies hits
+scores every byte of a split once, each shard in windows of the model's context from the shard's
+start, and stores the entropies (float16) as DIR/entropies/<data hash>-<split>-shards.npy. A
+training run whose `patch_entropy` names DIR reads the train split's cache through its loader
+(search/setup.py) and runs no entropy model per step; when the training window is a multiple of
+the model's context, the cached entropies are those the model would compute on the batch.
+`tune` bisects the threshold until the mean patch length on the cached entropies hits
 the target (issue #141 of the reference: always check the resulting patch length).
 """
 from __future__ import annotations
@@ -51,6 +54,27 @@ def train(out: str, size: str | None = "tiny", budget_s: float = 60.0, data: str
     return folder
 
 
+def cache_path(folder: str | Path, dataset, split: str) -> Path:
+    return Path(folder) / "entropies" / f"{dataset.content_hash[:16]}-{split}-shards.npy"
+
+
+def cached_shards(folder: str | Path, dataset, split: str = "train") -> list[np.ndarray] | None:
+    """The cached entropies of `dataset`'s split, one float16 array per shard aligned with it
+    (memory-mapped), or None when `cache` has not been run for it."""
+    path = cache_path(folder, dataset, split)
+    if not path.exists():
+        return None
+    from search.shards import DataError
+    ent = np.load(path, mmap_mode="r")
+    arrays = getattr(dataset, split)
+    if ent.ndim != 1 or len(ent) != sum(len(a) for a in arrays):
+        raise DataError(f"{path}: {ent.shape} entropies for {sum(len(a) for a in arrays):,} "
+                        f"{split} bytes of {dataset.name}; delete it and run `python -m "
+                        f"search.entropy cache {folder} --split {split}` again")
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    return [ent[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 @torch.no_grad()
 def score(model: torch.nn.Module, ids: np.ndarray, window: int, batch: int = 16) -> np.ndarray:
     """Entropy (nats) of the model's prediction at every byte of `ids`; each window of `window`
@@ -67,18 +91,29 @@ def score(model: torch.nn.Module, ids: np.ndarray, window: int, batch: int = 16)
 
 def cache(folder: str, data: str | None = None, split: str = "val", max_bytes: int | None = None,
           device: str = "cpu") -> Path:
-    """Score a split once and store its entropies; returns the .npy path (reused when present)."""
+    """Score a split once, shard by shard, and store its entropies; returns the .npy path (reused
+    when present). `max_bytes` caps the bytes scored (for tuning; a capped cache is named apart
+    and never fed to training)."""
     from search.data import open_dataset
     ds = open_dataset(data, "bytes")
-    path = Path(folder) / "entropies" / f"{ds.content_hash[:16]}-{split}.npy"
+    path = cache_path(folder, ds, split)
+    if max_bytes is not None:
+        path = path.with_name(path.stem + f"-first{max_bytes}.npy")
     if path.exists():
         return path
-    ids = np.concatenate([np.asarray(a) for a in getattr(ds, split)])[:max_bytes]
     model = load_entropy_model(folder, device)
-    window = yaml.safe_load((Path(folder) / "graph.yaml").read_text())["vars"]["seq_len"]
-    ent = score(model, ids, int(window))
+    window = int(yaml.safe_load((Path(folder) / "graph.yaml").read_text())["vars"]["seq_len"])
+    parts, left = [], max_bytes if max_bytes is not None else float("inf")
+    for shard in getattr(ds, split):
+        if left <= 0:
+            break
+        ids = np.asarray(shard[:int(min(len(shard), left))])
+        parts.append(score(model, ids, window).astype(np.float16))
+        left -= len(ids)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, ent.astype(np.float16))
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, np.concatenate(parts) if parts else np.empty(0, np.float16))
+    tmp.replace(path)   # a killed `cache` leaves no file training would read as whole
     return path
 
 

@@ -49,9 +49,15 @@ class Loader:
     """
 
     def __init__(self, arrays: Sequence[np.ndarray], batch_size: int, seq_len: int, *,
-                 seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu"):
+                 seed: int = 0, rank: int = 0, world: int = 1, device: str = "cpu",
+                 side: Sequence[np.ndarray] | None = None, feed=None):
+        """`side`: per-position values aligned with `arrays` (BLT's cached entropies); each batch
+        hands `feed` the float32 [batch_size, seq_len] of its inputs' positions."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside world size {world}")
+        if side is not None and [len(a) for a in side] != [len(a) for a in arrays]:
+            raise DataError("the side arrays (cached entropies) do not match the shards' lengths")
+        self.side, self.feed = (list(side), feed) if side is not None else (None, None)
         self.arrays, self.batch_size, self.seq_len = list(arrays), batch_size, seq_len
         self.seed, self.rank, self.world = seed, rank, world
         self.device = torch.device(device)
@@ -102,11 +108,16 @@ class Loader:
         x = torch.empty((len(ids), T), dtype=torch.int64, pin_memory=pin)
         y = torch.empty((len(ids), T), dtype=torch.int64, pin_memory=pin)
         xn, yn = x.numpy(), y.numpy()
+        e = torch.empty((len(ids), T), dtype=torch.float32, pin_memory=pin) if self.side else None
         for row, w in enumerate(ids):
             shard = int(np.searchsorted(self.first, w, side="right")) - 1
             start = (w - int(self.first[shard])) * T
             chunk = self.arrays[shard][start:start + T + 1]
             xn[row], yn[row] = chunk[:-1], chunk[1:]
+            if e is not None:
+                e.numpy()[row] = self.side[shard][start:start + T]
+        if e is not None:
+            self.feed(e.to(self.device, non_blocking=pin))
         if pin:  # already pinned: copy asynchronously
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # validation span on CPU: whole documents up to 16 KiB (tiny models spend most of a CPU trial on
 # the 50k-way head of evaluation); 1 MiB on a GPU
 CPU_EVAL_BYTES = 1 << 14
+_NOTED: set = set()   # entropy model folders whose missing cache was pointed out
 
 
 @dataclass
@@ -85,8 +86,10 @@ class Setup:
                              f"the {self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size}")
         self.dataset = open_dataset(cfg.data, self.tokenizer.name)
         self._batching()
+        side = self._cached_entropies()
         self.loader = Loader(self.dataset.train, self.recipe.micro_batch, self.plan.seq_len,
-                             seed=cfg.seed, rank=self.dist.rank, world=self.dist.world, device=self.device)
+                             seed=cfg.seed, rank=self.dist.rank, world=self.dist.world, device=self.device,
+                             side=side, feed=self.feed_entropies if side is not None else None)
         eval_bytes = cfg.eval_bytes or (1 << 20 if self.device.type == "cuda" else CPU_EVAL_BYTES)
         self.val = val_batches(self.dataset, self.tokenizer, self.plan.seq_len, self.recipe.micro_batch,
                                eval_bytes, device=self.device)
@@ -100,6 +103,37 @@ class Setup:
         self.resume_state = self._resume()
         self.tracker = self._tracker()
         self.bar = None
+
+    # ----- BLT's entropy patchers
+    def _cached_entropies(self):
+        """The train split's cached entropies when every entropy patcher names one model folder
+        that `python -m search.entropy cache DIR --split train` has scored this data set with;
+        else None, and the patchers run their entropy model on every batch (say so)."""
+        from blocks.blt_patch import PatchEntropy
+        self.patchers = [m for m in self.model.modules() if isinstance(m, PatchEntropy) and m.cfg.model]
+        self.entropy_source = "model" if self.patchers else None
+        folders = {m.cfg.model for m in self.patchers}
+        if len(folders) != 1:
+            return None
+        from search.entropy import cache_path, cached_shards
+        folder = folders.pop()
+        side = cached_shards(folder, self.dataset, "train")
+        if side is None:
+            if self.dist.main and folder not in _NOTED:   # once per process (a study's trials)
+                _NOTED.add(folder)
+                print(f"note: patch_entropy scores every training batch with the entropy model in "
+                      f"{folder}; `python -m search.entropy cache {folder} --split train"
+                      f"{' --data ' + self.cfg.data if self.cfg.data else ''}` precomputes them once",
+                      file=sys.stderr)
+            return None
+        self.entropy_source = f"cache {cache_path(folder, self.dataset, 'train')}"
+        return side
+
+    def feed_entropies(self, ent) -> None:
+        """Hand the next training forward its batch's cached entropies (None: the model scores,
+        as in evaluation)."""
+        for m in self.patchers:
+            m.fed = ent
 
     # ----- batching and optimiser
     def _batching(self) -> None:
@@ -155,6 +189,8 @@ class Setup:
                 "corpus": self.dataset.name, "tokenizer": self.tokenizer.name, "git_commit": git_commit(),
                 "device": device_name(self.device), "size": self.graph.size, "torch": torch.__version__,
                 "flops_formula": FLOPS_FORMULA, "run_dir": str(self.run_dir), **c.tags}
+        if self.entropy_source:
+            tags["entropies"] = self.entropy_source
         name = c.run_name or f"{p.name}-{self.graph.size}-{p.hash[:8]}"
         t = Tracker(c.experiment, name, tracking_uri=c.tracking_uri, parent_run_id=c.parent_run_id,
                     tags=tags, local_dir=self.run_dir, enabled=c.track and self.dist.main)

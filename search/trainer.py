@@ -240,6 +240,7 @@ class Trainer:
         s = self.s
         t0 = time.perf_counter()
         stop = False
+        s.feed_entropies(None)  # BLT graphs: validation is scored by the entropy model
         if s.dist.main:
             patch_stats(s.model)  # BLT graphs: count patches over the validation span only
             metrics = evaluate(s.model, s.val, s.autocast)

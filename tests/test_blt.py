@@ -293,6 +293,68 @@ def test_entropy_model_folder_round_trip_and_scores(tmp_path):
     np.testing.assert_allclose(model.pmap.entropies(x)[0].numpy(), got[:32], rtol=1e-5, atol=1e-5)
 
 
+def _entropy_folder(folder, window: int = 16):
+    import yaml
+    from safetensors.torch import save_model
+    g = graphs.load("graphs/blt_entropy.yaml", "tiny", (f"seq_len={window}",)).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "graph.yaml").write_text(yaml.safe_dump(g.data, sort_keys=False))
+    save_model(graphs.build(graphs.elaborate(g), seed=4).eval(), str(folder / "model.safetensors"))
+    return folder
+
+
+def test_training_reads_cached_entropies_and_runs_no_entropy_model_per_step(tmp_path, monkeypatch):
+    """`search.entropy cache --split train` scores each shard once; a training run whose
+    patch_entropy names that folder feeds each batch its cached entropies through the loader, and
+    its training steps run no entropy model (validation still scores with it). With the window a
+    multiple of the model's context, the cache holds what the model computes on the batch."""
+    import argparse
+
+    import numpy as np
+
+    from blocks.blt_patch import PatchEntropy, load_entropy_model
+    from search import data
+    from search.entropy import cache, cached_shards, score
+    from search.setup import RunConfig, Setup
+    from search.train import run_training
+    ds = data.prepare(argparse.__file__, tmp_path / "bytes", "bytes", shard_tokens=40_000,
+                      val_share=0.05, progress=False)
+    assert len(ds.train) >= 2                       # shards are scored from their own start
+    folder = _entropy_folder(tmp_path / "ent")
+    assert cached_shards(folder, ds) is None
+    cache(str(folder), str(tmp_path / "bytes"), "train")
+    shards = cached_shards(folder, ds)
+    lm = load_entropy_model(str(folder), "cpu")
+    np.testing.assert_allclose(shards[1][:4000].astype(np.float32),
+                               score(lm, np.asarray(ds.train[1][:4000]), 16), rtol=2e-3, atol=2e-3)
+
+    pmap = f"nodes.pmap={{type: patch_entropy, in: bytes, threshold: 5.3, model: '{folder}'}}"
+    sets = ("n_global=1", "d_local=16", "seq_len=32", "max_patches=16", "buckets=97", pmap)
+    cfg = RunConfig(graph="graphs/blt.yaml", size="tiny", sets=sets, data=str(tmp_path / "bytes"),
+                    max_tokens=4 * 512, evals=1, eval_bytes=1024, track=False,
+                    out=str(tmp_path / "run"), progress=False, checkpoint=False)
+    s = Setup(cfg)
+    assert s.entropy_source.startswith("cache ") and s.loader.side is not None
+    x, _ = s.loader.next()
+    fed = s.patchers[0].fed
+    s.feed_entropies(None)
+    with torch.no_grad():
+        torch.testing.assert_close(fed, s.patchers[0].entropies(x), rtol=2e-3, atol=2e-3)
+    s.tracker.end("FINISHED")
+
+    calls = {"train": 0, "eval": 0}
+    scoring = PatchEntropy.entropy_model
+
+    def counted(self, device):
+        if device.type != "meta":   # the cost model's pass runs no model
+            calls["train" if torch.is_grad_enabled() else "eval"] += 1
+        return scoring(self, device)
+    monkeypatch.setattr(PatchEntropy, "entropy_model", counted)
+    r = run_training(cfg)
+    assert r.status == "completed" and r.step >= 2, r.message
+    assert calls["train"] == 0 and calls["eval"] >= 1
+
+
 @pytest.mark.parametrize("side", ["encoder", "decoder"])
 def test_cross_attention_matches_hugging_face_blt(side):
     """Same weights, same mask: HF's BltCrossAttention returns x + attn (its residual inside);

@@ -351,3 +351,17 @@ def test_val_span_takes_the_documents_that_fit_when_the_first_is_too_long():
     assert both.n_docs == 2 and both.tokens.tolist() == [256, 98, 99, 100, 256, 107, 108, 256]
     assert val_span(ds, tok, 1).span_bytes == 50                 # none fits: the first, whole
     assert val_span(ds, tok, 55).span_bytes == 53                # the first fits: as before
+
+
+def test_the_loader_feeds_side_values_aligned_with_each_batch():
+    """BLT's cached entropies travel as a side array: every batch hands the values at its inputs'
+    positions (here the side array is the tokens themselves, so it must equal x)."""
+    arrays = coded_shards()
+    fed = []
+    loader = Loader(arrays, 4, 16, seed=1, side=[a.astype(np.float32) for a in arrays],
+                    feed=fed.append)
+    for _ in range(len(loader) + 2):   # into the second epoch
+        x, _ = loader.next()
+        assert fed[-1].dtype == torch.float32 and torch.equal(fed[-1], x.float())
+    with pytest.raises(DataError, match="do not match the shards"):
+        Loader(arrays, 4, 16, side=[a[:-1] for a in arrays], feed=fed.append)
