@@ -1,12 +1,12 @@
 """Plotly figures of the Compare page: validation curves of several runs overlaid against tokens,
-device time or FLOPs (smoothed, log axes), and tokens/s and memory side by side."""
+bytes of text, device time or FLOPs (smoothed, log axes), and tokens/s and memory side by side."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-X_AXES = {"tokens": "tokens", "device time": "device time (s of training steps)",
-          "FLOPs": "training FLOPs"}
+X_AXES = {"tokens": "tokens", "bytes": "bytes of training text (tokens x the run's bytes per token)",
+          "device time": "device time (s of training steps)", "FLOPs": "training FLOPs"}
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -22,13 +22,16 @@ def smooth(values: np.ndarray, weight: float) -> np.ndarray:
 
 
 def x_values(curve: pd.DataFrame, x_axis: str, gpu_s: pd.DataFrame | None,
-             flops_per_token: float | None) -> np.ndarray | None:
-    """The x coordinate of each point of a curve whose steps are tokens: tokens, device time
-    (the run's `budget/gpu_s` interpolated at those tokens) or FLOPs (tokens x FLOPs per token);
-    None when the run lacks what the axis needs."""
+             flops_per_token: float | None, bytes_per_token: float | None = None) -> np.ndarray | None:
+    """The x coordinate of each point of a curve whose steps are tokens: tokens, bytes of text
+    (tokens x the corpus's bytes per token: BPE and byte models on one axis), device time (the
+    run's `budget/gpu_s` interpolated at those tokens) or FLOPs (tokens x FLOPs per token); None
+    when the run lacks what the axis needs."""
     tokens = curve["step"].to_numpy(dtype=float)
     if x_axis == "tokens":
         return tokens
+    if x_axis == "bytes":
+        return tokens * bytes_per_token if bytes_per_token else None
     if x_axis == "FLOPs":
         return tokens * flops_per_token if flops_per_token else None
     if gpu_s is None or gpu_s.empty:

@@ -96,6 +96,7 @@ def _row(run, experiments: dict) -> dict:
     row["parent"] = data.tags.get("mlflow.parentRunId")
     row["params"] = _num(data.params.get("params"))
     row["flops_per_token"] = _num(data.params.get("flops_per_token"))
+    row["bytes_per_token"] = _num(data.params.get("bytes_per_token"))
     for key, col in METRIC_COLUMNS.items():
         row[col] = data.metrics.get(key)
     if row["tok_s"] is None:

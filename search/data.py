@@ -154,6 +154,29 @@ def builtin_dataset(tokenizer_name: str = "gpt2", *, home: Path | None = None,
     return ds
 
 
+def bytes_per_token(ds: Dataset, tokenizer, sample: int = 1 << 24) -> float:
+    """Mean UTF-8 bytes per training token over the first `sample` tokens of the train split (an
+    EOT counts 0): what turns a byte count into tokens for each tokenizer (`--trial-bytes`).
+    Remembered per data set and tokenizer: a study's trials do not count again."""
+    key = (ds.content_hash, tokenizer.name, sample)
+    if key in _BYTES_PER_TOKEN:
+        return _BYTES_PER_TOKEN[key]
+    n = b = 0
+    for arr in ds.train:
+        part = np.asarray(arr[:sample - n])
+        b += int(tokenizer.token_bytes[part].sum())
+        n += len(part)
+        if n >= sample:
+            break
+    if b == 0:
+        raise DataError(f"dataset {ds.name}: no bytes in its training tokens")
+    _BYTES_PER_TOKEN[key] = b / n
+    return b / n
+
+
+_BYTES_PER_TOKEN: dict = {}
+
+
 def prepare(src: str | Path, out: str | Path, tokenizer_name: str = "gpt2", *,
             shard_tokens: int = SHARD_TOKENS, val_share: float = VAL_SHARE,
             name: str | None = None, progress: bool = True) -> Dataset:

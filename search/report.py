@@ -229,7 +229,8 @@ def _seed_run(cfg: StudyConfig, trial, seed: int) -> float | None:
     torch._dynamo.reset()  # as for each trial: a fresh compilation state, no silent eager fallback
     name = f"trial-{trial.number}-seed-{seed}"
     run = RunConfig(graph=f, size=cfg.size, sets=cfg.family_sets[f], params=params,
-                    budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens, data=cfg.data, seed=seed,
+                    budget_s=cfg.trial_budget_s, max_tokens=cfg.trial_tokens,
+                    max_bytes=cfg.trial_bytes, data=cfg.data, seed=seed,
                     evals=1, eval_bytes=cfg.eval_bytes, device=cfg.device, experiment=cfg.experiment,
                     progress=False, checkpoint=False,  # a seed run is measured, never resumed
                     run_name=f"{cfg.study}-{name}", parent_run_id=cfg.parent_run_id,

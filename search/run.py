@@ -247,6 +247,8 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--trial-budget", default=None, help="training time per trial (default 20s "
                                                          "for the default study, else 5m)")
     ap.add_argument("--trial-tokens", help="train each trial on this many tokens instead of a time")
+    ap.add_argument("--trial-bytes", help="train each trial on this many bytes of text instead of a "
+                    "time: BPE and byte (BLT) families see the same text")
     ap.add_argument("--trials", type=int, help="stop after this many finished trials")
     ap.add_argument("--objective", default="val_bpb", choices=["val_bpb", "val_loss"])
     ap.add_argument("--also", action="append", default=[], choices=["params", "tok_s"],
@@ -269,7 +271,7 @@ def parse_args(argv=None) -> StudyConfig:
     files = a.files or default_files()
     size = a.size or ("tiny" if default_study else None)
     budget = parse_duration(a.budget or ("3m30s" if default_study else "1h"))
-    trial_budget = None if a.trial_tokens and not a.trial_budget else \
+    trial_budget = None if (a.trial_tokens or a.trial_bytes) and not a.trial_budget else \
         parse_duration(a.trial_budget or ("20s" if default_study else "5m"))
     names = "+".join(Path(f).stem for f in files)
     study = a.study or f"{names}-{size or 'default'}"
@@ -277,6 +279,7 @@ def parse_args(argv=None) -> StudyConfig:
                        storage=a.storage or f"sqlite:///{Path('optuna.db').resolve()}", size=size,
                        sets=tuple(a.sets), budget_s=budget, trial_budget_s=trial_budget,
                        trial_tokens=parse_count(a.trial_tokens) if a.trial_tokens else None,
+                       trial_bytes=parse_count(a.trial_bytes) if a.trial_bytes else None,
                        trials=a.trials, objective=a.objective, also=tuple(a.also), workers=a.workers,
                        seeds=a.seeds, data=a.data, pruner=a.pruner, max_params=a.max_params,
                        experiment=a.experiment, device=a.device, evals=a.evals or (3 if default_study else 4),
@@ -294,9 +297,11 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     cfg = replace(cfg, parent_run_id=parent_run(cfg, study))
+    each = [format_duration(cfg.trial_budget_s)] if cfg.trial_budget_s else []
+    each += [f"{cfg.trial_tokens:,} tokens"] if cfg.trial_tokens else []
+    each += [f"{cfg.trial_bytes:,} bytes of text"] if cfg.trial_bytes else []
     print(f"study {cfg.study}: {', '.join(fams)}; budget {format_duration(cfg.budget_s)} of device "
-          f"time, {format_duration(cfg.trial_budget_s or 0)} per trial; storage {cfg.storage}",
-          file=sys.stderr)
+          f"time, {' or '.join(each) or 'no limit'} per trial; storage {cfg.storage}", file=sys.stderr)
     dead = 0
     if cfg.workers > 1:
         dead = _spawn_workers(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import yaml
 import graphs
 from graphs.cost import FLOPS_FORMULA, analyse
 from search import checkpoint
-from search.data import Loader, open_dataset, val_batches
+from search.data import Loader, bytes_per_token, open_dataset, val_batches
 from search.dist import setup as dist_setup
 from search.perf import device_name, peak_flops
 from search.tokenizer import get_tokenizer
@@ -39,6 +40,7 @@ class RunConfig:
     params: dict = field(default_factory=dict)   # search-space values
     budget_s: float | None = None                 # device time of training steps
     max_tokens: int | None = None
+    max_bytes: int | None = None                  # or bytes of text (tokens x bytes per token)
     data: str | None = None                       # dataset spec; None = the built-in corpus
     seed: int = 0
     evals: int = 10                               # evaluations spread over the horizon
@@ -85,6 +87,10 @@ class Setup:
             raise ValueError(f"{cfg.graph}: vocab_size {self.plan.vars['vocab_size']} is smaller than "
                              f"the {self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size}")
         self.dataset = open_dataset(cfg.data, self.tokenizer.name)
+        self.bytes_per_token = bytes_per_token(self.dataset, self.tokenizer)
+        if cfg.max_bytes:   # equal text for BPE and byte models: each stops at its own token count
+            n = max(1, math.ceil(cfg.max_bytes / self.bytes_per_token))
+            cfg.max_tokens = min(cfg.max_tokens, n) if cfg.max_tokens else n
         self._batching()
         side = self._cached_entropies()
         self.loader = Loader(self.dataset.train, self.recipe.micro_batch, self.plan.seq_len,
@@ -200,7 +206,8 @@ class Setup:
             (self.run_dir / "graph.yaml").write_text(resolved)
             t.log_text(resolved, "graph.yaml")
             t.log_params({"graph": self.graph.data, "run": self._run_params(),
-                          "params": self.cost.params, "flops_per_token": self.flops_per_token})
+                          "params": self.cost.params, "flops_per_token": self.flops_per_token,
+                          "bytes_per_token": round(self.bytes_per_token, 6)})
             t.log_dict(self._run_params(), "run_config.json")
         return t
 

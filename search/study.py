@@ -32,6 +32,7 @@ class StudyConfig:
     budget_s: float = 270.0                 # the whole study's device time
     trial_budget_s: float | None = 25.0     # each trial's training time (equal cost)
     trial_tokens: int | None = None         # or equal tokens
+    trial_bytes: int | None = None          # or equal bytes of text (BPE and byte models alike)
     trials: int | None = None
     objective: str = "val_bpb"              # or val_loss
     also: tuple = ()                        # extra objectives: params, tok_s
@@ -195,7 +196,8 @@ class Objective:
         budget = None if cfg.trial_budget_s is None else min(cfg.trial_budget_s, remaining)
         run = RunConfig(graph=cfg.families[fam], size=cfg.size,
                         sets=cfg.family_sets[cfg.families[fam]], params=params,
-                        budget_s=budget, max_tokens=cfg.trial_tokens, data=cfg.data, seed=0,
+                        budget_s=budget, max_tokens=cfg.trial_tokens,
+                        max_bytes=cfg.trial_bytes, data=cfg.data, seed=0,
                         evals=cfg.evals, eval_bytes=cfg.eval_bytes, device=cfg.device,
                         experiment=cfg.experiment, run_name=f"{cfg.study}-trial-{trial.number}",
                         parent_run_id=cfg.parent_run_id, tracking_uri=cfg.tracking_uri,

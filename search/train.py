@@ -22,8 +22,8 @@ EXIT = {"completed": 0, "pruned": 0, "diverged": 3, "interrupted": 130, "failed"
 
 def run_training(cfg: RunConfig, on_eval=None) -> RunResult:
     """Train per `cfg`; a failure after tracking started is recorded (status failed, traceback)."""
-    if cfg.budget_s is None and cfg.max_tokens is None:
-        raise ValueError("give a time budget or a token count")
+    if cfg.budget_s is None and cfg.max_tokens is None and cfg.max_bytes is None:
+        raise ValueError("give a time budget, a token count or a byte count")
     setup = Setup(cfg)
     try:
         return Trainer(setup, on_eval).run()
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> RunConfig:
     ap.add_argument("--budget", help="device time of training steps, e.g. 60s, 10m, 2h (default 10m "
                                      "unless --tokens is given)")
     ap.add_argument("--tokens", help="train on this many tokens (e.g. 50M); with --budget, whichever ends first")
+    ap.add_argument("--bytes", help="train on this many bytes of text (e.g. 200M): BPE and byte "
+                                    "models see the same text; with --budget or --tokens, whichever ends first")
     ap.add_argument("--data", help="token shards folder, raw_u16:DIR, or builtin (default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--evals", type=int, default=10, help="evaluations over the run")
@@ -63,9 +65,11 @@ def parse_args(argv=None) -> RunConfig:
     a = ap.parse_args(argv)
     budget = parse_duration(a.budget) if a.budget else None
     tokens = parse_count(a.tokens) if a.tokens else None
-    if budget is None and tokens is None:
+    nbytes = parse_count(a.bytes) if a.bytes else None
+    if budget is None and tokens is None and nbytes is None:
         budget = 600.0
     return RunConfig(graph=a.graph, size=a.size, sets=tuple(a.sets), budget_s=budget, max_tokens=tokens,
+                     max_bytes=nbytes,
                      data=a.data, seed=a.seed, evals=a.evals, eval_bytes=a.eval_bytes,
                      log_every=a.log_every, out=a.out,
                      checkpoint_every_s=parse_duration(a.checkpoint_every), pure_steps=a.pure_steps, resume=a.resume, compile=a.compile,

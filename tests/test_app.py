@@ -154,6 +154,14 @@ def test_compare_page_lists_runs_and_overlays_their_curves(store):
         h = sorted(client.get_metric_history(rid, "val/bpb"), key=lambda m: m.step)
         assert trace["x"] == pytest.approx([m.step * f for m in h])
 
+    at.radio(key="x_axis").set_value("bytes").run()              # BPE and byte models on one axis
+    ok(at)
+    per = [float(client.get_run(rid).data.params["bytes_per_token"]) for rid in ids]
+    assert all(1.5 < b < 5.0 for b in per)                        # GPT-2 tokens of Python source
+    for trace, rid, b in zip(figures(at)[0]["data"], ids, per):
+        h = sorted(client.get_metric_history(rid, "val/bpb"), key=lambda m: m.step)
+        assert trace["x"] == pytest.approx([m.step * b for m in h])
+
     at.radio(key="x_axis").set_value("device time").run()
     at.checkbox(key="log_y").check().run()
     ok(at)

@@ -137,3 +137,11 @@ def test_the_last_evaluation_never_prunes():
     three = _evaluations(PrunesFromTheThird(), [[3.0, 2.5, 2.2]], [1000], evals=3)
     four = _evaluations(PrunesFromTheThird(), [[3.0, 2.5, 2.2, 2.0]], [1000], evals=4)
     assert [(s, n) for s, n, _ in three + four] == [("COMPLETE", 3), ("PRUNED", 3)]
+
+
+def test_trial_bytes_replace_the_trial_time():
+    from search.run import parse_args
+    cfg = parse_args([GPT2, LLAMA, "--trial-bytes", "20K"])
+    assert cfg.trial_bytes == 20_000 and cfg.trial_budget_s is None and cfg.trial_tokens is None
+    both = parse_args([GPT2, "--trial-bytes", "20K", "--trial-budget", "30s"])   # whichever ends first
+    assert both.trial_bytes == 20_000 and both.trial_budget_s == 30

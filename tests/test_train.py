@@ -162,3 +162,29 @@ def test_a_pruned_run_writes_no_final_checkpoint_but_a_completed_one_does(tmp_pa
     assert pruned.status == "pruned" and completed.status == "completed"
     assert not list((tmp_path / "p").glob("step_*"))
     assert list((tmp_path / "c").glob("step_*"))
+
+
+def test_equal_bytes_of_text_give_a_bpe_and_a_byte_model_their_own_token_counts(tmp_path):
+    """`--bytes` (and a study's --trial-bytes): GPT-2 tokens carry about 2 bytes of this corpus
+    each, BLT's tokens are bytes; both stop once they have seen the same text, to within a step."""
+    import math
+
+    from search.data import builtin_dataset, bytes_per_token
+    from search.setup import RunConfig
+    from search.tokenizer import get_tokenizer
+    from search.train import parse_args, run_training
+    assert parse_args(["graphs/gpt2.yaml", "--bytes", "64K"]).max_bytes == 64_000
+    n = 12_000
+    seen = {}
+    for name in ("gpt2", "blt"):
+        r = run_training(RunConfig(graph=str(ROOT / "graphs" / f"{name}.yaml"), size="tiny",
+                                   max_bytes=n, evals=1, eval_bytes=2048, track=False,
+                                   out=str(tmp_path / name), progress=False, checkpoint=False))
+        assert r.status == "completed", r.message
+        tok = "gpt2" if name == "gpt2" else "bytes"
+        per = bytes_per_token(builtin_dataset(tok, progress=False), get_tokenizer(tok))
+        step = r.tokens / r.step
+        assert r.tokens - step < math.ceil(n / per) <= r.tokens          # stopped at the first step past it
+        seen[name] = (r.tokens, per)
+    assert seen["gpt2"][0] < 0.7 * seen["blt"][0]                        # fewer, longer tokens
+    assert seen["gpt2"][0] * seen["gpt2"][1] == pytest.approx(seen["blt"][0] * seen["blt"][1], rel=0.1)

@@ -81,7 +81,7 @@ for run_id, row in chosen.iterrows():
     label = labels[run_id]
     curve = ui.history(uri, run_id, metric)
     gpu_s = ui.history(uri, run_id, "budget/gpu_s") if x_axis == "device time" else None
-    x = charts.x_values(curve, x_axis, gpu_s, row.get("flops_per_token"))
+    x = charts.x_values(curve, x_axis, gpu_s, row.get("flops_per_token"), row.get("bytes_per_token"))
     if curve.empty or x is None:
         missing.append(label)
     else:
