@@ -66,12 +66,11 @@ def cached_shards(folder: str | Path, dataset, split: str = "train") -> list[np.
         return None
     from search.shards import DataError
     ent = np.load(path, mmap_mode="r")
-    arrays = getattr(dataset, split)
-    if ent.ndim != 1 or len(ent) != sum(len(a) for a in arrays):
-        raise DataError(f"{path}: {ent.shape} entropies for {sum(len(a) for a in arrays):,} "
-                        f"{split} bytes of {dataset.name}; delete it and run `python -m "
-                        f"search.entropy cache {folder} --split {split}` again")
-    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    bounds = np.cumsum([0] + [len(a) for a in getattr(dataset, split)])
+    if ent.ndim != 1 or len(ent) != bounds[-1]:
+        raise DataError(f"{path}: {ent.shape} entropies for {bounds[-1]:,} {split} bytes of "
+                        f"{dataset.name}; delete it and run `python -m search.entropy cache "
+                        f"{folder} --split {split}` again")
     return [ent[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 

@@ -109,13 +109,14 @@ class Loader:
         y = torch.empty((len(ids), T), dtype=torch.int64, pin_memory=pin)
         xn, yn = x.numpy(), y.numpy()
         e = torch.empty((len(ids), T), dtype=torch.float32, pin_memory=pin) if self.side else None
+        en = e.numpy() if e is not None else None
         for row, w in enumerate(ids):
             shard = int(np.searchsorted(self.first, w, side="right")) - 1
             start = (w - int(self.first[shard])) * T
             chunk = self.arrays[shard][start:start + T + 1]
             xn[row], yn[row] = chunk[:-1], chunk[1:]
-            if e is not None:
-                e.numpy()[row] = self.side[shard][start:start + T]
+            if en is not None:
+                en[row] = self.side[shard][start:start + T]
         if e is not None:
             self.feed(e.to(self.device, non_blocking=pin))
         if pin:  # already pinned: copy asynchronously
