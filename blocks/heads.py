@@ -113,7 +113,8 @@ def _targets(ins, seq):
 @register
 class LinearCrossEntropy(LMHead):
     """LM head and cross-entropy in one, never holding the full logits (Liger's fused kernel, or
-    a chunked, checkpointed twin); `tie` shares an embedding's table as with lm_head."""
+    a chunked twin that computes the gradients in the forward); `tie` shares an embedding's
+    table as with lm_head."""
 
     type_name, family = "linear_cross_entropy", "heads"
     example = ({"vocab": 50}, [hidden(16), tokens(50)])  # for the registry's smoke test
@@ -125,7 +126,7 @@ class LinearCrossEntropy(LMHead):
         tie: str | None = param(None, "id of an embedding node whose table is shared", ref=True)
         std: float = param(0.02, "init: N(0, std) (ignored when tied)", min=0.0, max=10.0)
         ignore_index: int = param(-1, "target id that contributes no loss", min=-(1 << 31), max=1 << 31)
-        chunk: int = param(4096, "rows per chunk in the twin", min=1, max=1 << 24)
+        chunk: int = param(4096, "rows per chunk in the twin (its logits: chunk x vocab fp32)", min=1, max=1 << 24)
         impl: str = param("torch", IMPL_DOC + "; liger runs outside compiled regions",
                           choices=IMPLS)
         bias = False   # not a field: Liger's fused loss and our twin take no output bias

@@ -5,8 +5,11 @@ A block with an `impl` field calls `run(op, impl, *args)`:
 - `liger`: the Liger kernel; an error where it cannot run (no CUDA, liger-kernel missing).
 - `auto`: the twin where Liger cannot run; on CUDA, whichever of the two a micro-benchmark
   (forward + backward on random inputs of the same shapes) finds faster, decided once per op,
-  device, dtype and shapes and cached. Inside a torch.compile trace nothing is benchmarked: a
-  decision made by an earlier eager call is reused, else the twin is taken.
+  device, dtype, shapes and context and cached. Eager calls compare Liger with the eager twin.
+  A compiled model compares Liger with the *compiled* twin (what Inductor would run): before its
+  first step, `graphs.compile` runs it once eagerly with `decide_compiled`, which makes those
+  decisions on the real shapes; the trace then reads them (nothing is benchmarked while tracing;
+  a missing decision takes the twin, which Inductor fuses with its neighbours).
 
 `liger_kernel` is imported lazily, only when a Liger path runs. Pitfalls handled here (see
 architectures.md §6): RMSNorm runs with in_place=False (in-place writes dX into the dY buffer);
@@ -49,11 +52,11 @@ def torch_layer_norm(x, weight, bias, eps):
 
 
 def torch_rope(q, k, cos, sin):
-    """Half-split RoPE of q [B, H, T, D] and k [B, H_kv, T, D]; cos/sin are [T, D]."""
-    def rot(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return rot(q), rot(k)
+    """Half-split RoPE of q [B, H, T, D] and k [B, H_kv, T, D]; cos/sin are [T, D]. The same
+    code as impl torch (blocks.attention.apply_rope), so `auto` choosing the twin inside a
+    compiled region traces the very graph of `torch`."""
+    from blocks.attention import apply_rope
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def torch_swiglu(gate, up):
@@ -69,20 +72,68 @@ def torch_cross_entropy(logits, targets, ignore_index):
     return F.cross_entropy(lg, targets, ignore_index=ignore_index)
 
 
-def torch_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 4096):
-    """Mean CE of x @ weight.T over rows, `chunk` rows at a time; each chunk's logits are
-    recomputed in backward (checkpointed), so the full [N, V] logits never stay in memory."""
-    from torch.utils.checkpoint import checkpoint
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would multiply x in: autocast's where it is on, else x's own."""
+    if (x.dtype == torch.float64 or x.device.type not in ("cuda", "cpu")
+            or not torch.is_autocast_enabled(x.device.type)):
+        return x.dtype
+    return torch.get_autocast_dtype(x.device.type)
 
-    def part(xc, tc):
-        lg = F.linear(xc, weight)
-        lg = lg if lg.dtype == torch.float64 else lg.float()
-        return F.cross_entropy(lg, tc, ignore_index=ignore_index, reduction="sum")
-    total = x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    for xc, tc in zip(x.split(chunk), targets.split(chunk)):
-        total = total + (checkpoint(part, xc, tc, use_reentrant=False) if torch.is_grad_enabled()
-                         else part(xc, tc))
-    return total / (targets != ignore_index).sum().clamp(min=1)
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Mean CE of x @ weight.T with the gradients computed in the forward, `chunk` rows at a time
+    (the scheme of Liger's fused kernel, in plain PyTorch that Inductor compiles): each chunk's
+    logits live only while its loss and its logit gradient (softmax - one-hot) are computed,
+    then feed grad_x (rows of the chunk) and grad_w (accumulated in fp32). Backward only scales
+    the saved gradients, so neither pass holds the [N, V] logits nor recomputes them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, chunk, grads):
+        cd = _compute_dtype(x)
+        acc = torch.float64 if cd == torch.float64 else torch.float32
+        xs, w = x.to(cd), weight.to(cd)
+        need_x, need_w = (grads and r for r in ctx.needs_input_grad[:2])
+        gx = torch.empty_like(xs) if need_x else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=x.device)
+        valid = targets != ignore_index
+        cols = torch.arange(weight.shape[0], device=x.device)
+        for i in range(0, x.shape[0], chunk):
+            xc, vc = xs[i:i + chunk], valid[i:i + chunk]
+            tc = targets[i:i + chunk].clamp(min=0)
+            lg = (xc @ w.T).to(acc)
+            lse = torch.logsumexp(lg, dim=-1)
+            total = total + torch.where(vc, lse - lg.gather(1, tc[:, None])[:, 0], 0.0).sum()
+            if gx is None and gw is None:
+                continue
+            # softmax minus the one-hot of the target, as one pointwise expression (Inductor
+            # writes it once, in the compute dtype; no fp32 [chunk, V] copy is kept)
+            g = torch.exp(lg - lse[:, None]) - (cols[None, :] == tc[:, None]).to(acc)
+            g = (g * vc[:, None]).to(cd)
+            if gx is not None:
+                gx[i:i + chunk] = g @ w
+            if gw is not None:
+                gw += (g.T @ xc).to(acc)
+        n = valid.sum().clamp(min=1)
+        ctx.save_for_backward(gx, gw, n)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, go):
+        gx, gw, n = ctx.saved_tensors
+        s = go / n
+        return (None if gx is None else (gx * s).to(ctx.dtypes[0]),
+                None if gw is None else (gw * s).to(ctx.dtypes[1]), None, None, None, None)
+
+
+def torch_linear_cross_entropy(x, weight, targets, ignore_index, chunk: int = 4096):
+    """Mean CE of x @ weight.T over rows, `chunk` rows at a time, never holding the [N, V]
+    logits (see _ChunkedLinearCE); without gradients, the loss alone chunk by chunk."""
+    # the cost model counts a forward on the meta device: the loss alone, as any head + loss
+    grads = (torch.is_grad_enabled() and x.device.type != "meta"
+             and (x.requires_grad or weight.requires_grad))
+    return _ChunkedLinearCE.apply(x, weight, targets, ignore_index, chunk, grads)
 
 
 TWINS = {"rms_norm": rms_norm, "layer_norm": torch_layer_norm, "rope": torch_rope,
@@ -214,7 +265,7 @@ def can_run(device: torch.device) -> bool:
     return device.type == "cuda" and LIGER_INSTALLED
 
 
-_AUTO: dict[tuple, str] = {}   # (op, device, dtype, shapes, statics) -> "torch" | "liger"
+_AUTO: dict[tuple, str] = {}   # (op, device, dtype, shapes, statics, context) -> "torch" | "liger"
 
 
 def _key(op, args):
@@ -237,25 +288,75 @@ def _fresh(args):
 
 
 def _time(fn, args, reps: int = 5) -> float:
+    """Best wall time of fn's forward + backward over `reps` calls after one warm-up call."""
+    cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     best = float("inf")
     for _ in range(reps + 1):   # the first call warms up (Triton compiles there)
         xs = _fresh(args)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = fn(*xs)
         out = out if isinstance(out, tuple) else (out,)
         grads = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
         if grads:
             torch.autograd.backward([o.float().sum() for o in out], inputs=grads)
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
+@functools.cache
+def _compiled_twin(op: str):
+    return torch.compile(TWINS[op], dynamic=False)
+
+
 @torch.enable_grad()  # a first call under no_grad (evaluation) still times the backward
-def benchmark(op: str, args) -> str:
-    """'liger' or 'torch', whichever runs op's forward + backward faster on these shapes."""
-    return "liger" if _time(LIGER[op], args) < _time(TWINS[op], args) else "torch"
+def benchmark(op: str, args, compiled: bool = False) -> str:
+    """'liger' or 'torch', whichever runs op's forward + backward faster on these shapes; with
+    `compiled`, against the twin compiled by torch.compile (its first call, the compile, is the
+    warm-up that `_time` does not count)."""
+    keep = torch.autograd.graph.saved_tensors_hooks(_same, _same)   # over decide_compiled's drop
+    if not compiled:
+        with keep:
+            return "liger" if _time(LIGER[op], args) < _time(TWINS[op], args) else "torch"
+    with torch.compiler.set_stance("default"), keep:   # decide_compiled runs the model force_eager
+        return "liger" if _time(LIGER[op], args) < _time(_compiled_twin(op), args) else "torch"
+
+
+def _same(t):
+    return t
+
+
+def _drop(t):
+    return None
+
+
+_DECIDING = False   # True while decide_compiled runs: decisions are for the compiled model
+
+
+def decide_compiled(model, *args, **kwargs) -> None:
+    """Run `model` once eagerly so that every `auto` op decides, for the compiled model, between
+    Liger and the compiled twin on the shapes of this call (graphs.compile calls it before a
+    compiled model's first step, with that step's inputs, under its autocast)."""
+    global _DECIDING
+    _DECIDING = True
+    try:
+        # with gradients, so that each op's inputs require grad as in training (the benchmark
+        # times the backward it will need), but saving no activations: there is no backward
+        with torch.compiler.set_stance("force_eager"), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
+            model(*args, **kwargs)
+    finally:
+        _DECIDING = False
+
+
+def has_auto(model) -> bool:
+    """Whether a built model has a node with impl auto that could choose Liger here."""
+    params = list(model.parameters())
+    if not params or not can_run(params[0].device):
+        return False
+    return any(getattr(getattr(m, "cfg", None), "impl", None) == "auto" for m in model.modules())
 
 
 def choose(op: str, impl: str, args) -> str:
@@ -271,11 +372,12 @@ def choose(op: str, impl: str, args) -> str:
         return "liger"
     if not can_run(device):
         return "torch"
-    key = _key(op, args)
+    tracing = torch.compiler.is_compiling()
+    key = (*_key(op, args), "compiled" if tracing or _DECIDING else "eager")
     if key not in _AUTO:
-        if torch.compiler.is_compiling():
-            return "torch"   # never benchmark while tracing; an eager call decides first
-        _AUTO[key] = benchmark(op, args)
+        if tracing:
+            return "torch"   # never benchmark while tracing (see decide_compiled)
+        _AUTO[key] = benchmark(op, args, compiled=_DECIDING)
     return _AUTO[key]
 
 

@@ -124,6 +124,14 @@ class Block(nn.Module):
     def after_step(self) -> None:
         """Called after every optimizer step when `has_after_step` is True (e.g. renormalise)."""
 
+    @classmethod
+    def after_step_all(cls, blocks: list["Block"]) -> None:
+        """The after-step hooks of all of a model's blocks that share this method, at once
+        (the model calls this; a family overrides it to batch its work, e.g. one compiled
+        kernel launch sequence instead of one eager op per tensor)."""
+        for block in blocks:
+            block.after_step()
+
 
 def register(cls):
     """Class decorator: add a Block subclass to the registry under its `type_name`."""

@@ -50,22 +50,41 @@ class Layer(nn.Module):
         return tuple(env[i] for i in self._result)
 
 
+def _feeding(items: list, node: str) -> set[str]:
+    """Ids of the top-level items that `node`'s value depends on (node included)."""
+    need = {node}
+    for item in reversed(items):
+        if item.id not in need:
+            continue
+        if isinstance(item, Group):
+            need |= {item.input.node, *item.outer}
+        else:
+            need |= {r.node for r in item.ins}
+    return need
+
+
 class GraphModel(nn.Module):
-    """The model a graph describes. forward(idx, targets=None) -> (logits, loss or None)."""
+    """The model a graph describes. forward(idx, targets=None) -> (logits, loss or None); with
+    targets, the logits are None where the loss is computed without them (a fused linear
+    cross-entropy), so training never pays for the [B, T, V] logits."""
 
     def __init__(self, plan: Plan):
         super().__init__()
         self.plan = plan
         self._program = []
         needs_targets = {"targets"}
+        for_loss = _feeding(plan.items, plan.outputs["loss"].node)
         for item in plan.items:
             if isinstance(item, Group):
                 self._add_group(item, needs_targets)
             else:
                 self.add_module(item.id, _make(item))
                 keys = tuple((r.node, r.port) for r in item.ins)
-                skip = any(r.node in needs_targets for r in item.ins)
-                if skip:
+                # skipped without targets (the loss), or with them when only the logits need it
+                # (the head beside a fused linear cross-entropy: training never reads logits)
+                skip = "no_targets" if any(r.node in needs_targets for r in item.ins) else \
+                    None if item.id in for_loss else "targets"
+                if skip == "no_targets":
                     needs_targets.add(item.id)
                 self._program.append(("step", item.id, keys, len(item.out_kinds), skip))
         self._bind_refs()
@@ -117,7 +136,7 @@ class GraphModel(nn.Module):
         """Run a list of top-level steps on `env`; returns the values they produce."""
         local, new = dict(env), {}
         for _, name, keys, n_out, skip in ops:
-            if skip and not has_targets:
+            if skip == ("targets" if has_targets else "no_targets"):
                 continue
             y = getattr(self, name)(*[local[k] for k in keys])
             outs = (y,) if n_out == 1 else tuple(y)
@@ -137,7 +156,8 @@ class GraphModel(nn.Module):
             else:
                 self._run_group(body, env)
         loss_key = self._outputs["loss"]
-        return env[self._outputs["logits"]], env.get(loss_key) if targets is not None else None
+        # logits are None with targets when the loss does not read them (a fused loss)
+        return env.get(self._outputs["logits"]), env.get(loss_key) if targets is not None else None
 
     def _run_group(self, op, env) -> None:
         _, gid, in_key, extras_per_layer = op
@@ -189,10 +209,14 @@ class GraphModel(nn.Module):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Run the blocks' after-optimizer-step hooks (e.g. nGPT's weight renormalisation)."""
+        """Run the blocks' after-optimizer-step hooks (e.g. nGPT's weight renormalisation):
+        the blocks that share an `after_step_all` are handed to it together, in model order."""
+        batches: dict = {}
         for _, block in self.blocks():
             if block.has_after_step:
-                block.after_step()
+                batches.setdefault(type(block).after_step_all.__func__, []).append(block)
+        for run_all, blocks in batches.items():
+            run_all(type(blocks[0]), blocks)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out lookup tables unless tied to a head."""

@@ -53,12 +53,30 @@ def _nested(model: GraphModel, groups: list, options: dict) -> nn.Module:
     return torch.compile(model, **options)
 
 
+def _decide_auto_first(model: GraphModel, compiled: nn.Module) -> nn.Module:
+    """Nodes with impl auto decide between Liger and the compiled twin on the first call's
+    inputs, eagerly, before that call compiles (blocks.liger.decide_compiled)."""
+    from blocks import liger
+    if not liger.has_auto(model):
+        return compiled
+
+    def first(_, args, kwargs):
+        handle.remove()
+        liger.decide_compiled(model, *args, **kwargs)
+    handle = compiled.register_forward_pre_hook(first, with_kwargs=True)
+    return compiled
+
+
 def compile_model(model: GraphModel, mode: str = "auto", **options) -> nn.Module:
     """Compile in place (regional) or wrap (full, nested); returns the module to call."""
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return model
+    return _decide_auto_first(model, _compile(model, mode, options))
+
+
+def _compile(model: GraphModel, mode: str, options: dict) -> nn.Module:
     groups = [m for m in model.children() if isinstance(m, nn.ModuleList)]
     if mode == "full" or (mode == "auto" and not groups):
         return torch.compile(model, **options)

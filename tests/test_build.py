@@ -53,6 +53,28 @@ def test_forward_without_targets_skips_loss_and_tie_shares_storage():
     assert loss.dim() == 0
 
 
+def test_training_with_a_fused_loss_never_runs_the_head():
+    """With targets, a head that only the logits read is skipped (a fused linear cross-entropy
+    computes the loss from the hidden states); without targets it runs and the loss does not."""
+    text = BASE.replace("loss: {type: cross_entropy, in: [head, targets]}",
+                        "loss: {type: linear_cross_entropy, in: [nf, targets], vocab: vocab_size, tie: tok}")
+    m, ref = build(text), build()
+    ran = []
+    m.head.register_forward_hook(lambda *a: ran.append("head"))
+    m.loss.register_forward_hook(lambda *a: ran.append("loss"))
+    idx = torch.randint(0, 64, (2, 16))
+    logits, loss = m(idx, idx)
+    assert logits is None and ran == ["loss"]
+    torch.testing.assert_close(loss, ref(idx, idx)[1])     # same weights (seed), same loss
+    ran.clear()
+    logits, loss = m(idx)
+    assert ran == ["head"] and loss is None
+    torch.testing.assert_close(logits, ref(idx)[0])
+    ran.clear()
+    _, loss = build()(idx, idx)   # a head the loss reads always runs
+    assert loss.dim() == 0
+
+
 def test_same_seed_same_weights_and_different_seed_differs():
     a, b, c = build(seed=1), build(seed=1), build(seed=2)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

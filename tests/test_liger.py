@@ -103,6 +103,37 @@ def test_chunked_linear_cross_entropy_twin_equals_linear_then_cross_entropy(chun
     torch.testing.assert_close(gw, rw)
 
 
+def test_chunked_linear_cross_entropy_compiles_to_the_same_loss_and_gradients():
+    """Under torch.compile (one graph, no break) and under bf16 autocast, as the trainer runs it;
+    under no_grad it computes the loss alone."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 32, generator=g, requires_grad=True)
+    w = torch.randn(100, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 100, (300,), generator=g)
+    t[::7] = -1
+
+    def f(x, w, t):
+        return liger.torch_linear_cross_entropy(x * 2, w, t, -1, 128)
+    ref = F.cross_entropy((x * 2) @ w.T, t, ignore_index=-1)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(x, w, t)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    loss = torch.compile(f, dynamic=False)(x, w, t)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    with torch.autocast("cpu", torch.bfloat16):
+        lb = f(x, w, t)
+        gbx, gbw = torch.autograd.grad(lb, (x, w))
+    assert lb.dtype == torch.float32 and gbx.dtype == gbw.dtype == torch.float32
+    torch.testing.assert_close(lb, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gbw, rw, rtol=0.05, atol=0.05 * rw.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(f(x, w, t), ref)
+
+
 def test_linear_cross_entropy_block_ties_and_matches_head_plus_loss():
     base = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=["vocab_size=512"])
     fused = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=["vocab_size=512",
@@ -284,3 +315,72 @@ def test_fused_linear_cross_entropy_block_under_compile():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert torch.isfinite(m.tok.weight.grad).all()
+
+
+@pytest.mark.gpu
+def test_chunked_linear_cross_entropy_holds_less_memory_than_logits_on_the_gpu():
+    """At GPT-2's vocabulary and 16k rows, compiled under bf16 autocast: the same loss and
+    gradients as head + cross-entropy, at under half the peak memory of that pair."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16384, 768, device="cuda", generator=g, requires_grad=True)
+    w = (torch.randn(50304, 768, device="cuda", generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, 50257, (16384,), device="cuda", generator=g)
+
+    def plain(x, w, t):
+        return F.cross_entropy(F.linear(x, w).float(), t, ignore_index=-1)
+
+    def chunked(x, w, t):
+        return liger.torch_linear_cross_entropy(x, w, t, -1, 4096)
+    out = {}
+    for name, fn in (("plain", plain), ("chunked", chunked)):
+        torch._dynamo.reset()
+        cf = torch.compile(fn, dynamic=False)
+        for _ in range(2):   # the first call compiles
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = cf(x, w, t)
+            grads = torch.autograd.grad(loss, (x, w))
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        out[name] = (loss.detach(), grads, peak)
+    (lp, gp, mp), (lc, gc, mc) = out["plain"], out["chunked"]
+    torch.testing.assert_close(lc, lp, rtol=1e-3, atol=1e-3)
+    for a, b in zip(gc, gp):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    assert mc < 0.5 * mp, (mc / 2**30, mp / 2**30)
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_auto_decides_against_the_compiled_twin_before_the_first_compiled_step(monkeypatch, mode):
+    """A compiled model with impl auto decides each op once, eagerly, on the first step's shapes,
+    against the compiled twin (not the eager one); the trace only reads the decisions."""
+    from graphs.compile import compile_model
+    from search.bench import variant_sets
+    calls = []
+
+    def fake_benchmark(op, args, compiled=False):
+        calls.append((op, compiled, torch.compiler.is_compiling()))
+        return "torch"
+    monkeypatch.setattr(liger, "can_run", lambda device: True)
+    monkeypatch.setattr(liger, "benchmark", fake_benchmark)
+    monkeypatch.setattr(liger, "_AUTO", {})
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=variant_sets("llama@auto", "tiny"))
+    model = graphs.build(elaborate(g.resolve()), seed=0)
+    x = torch.randint(0, 1000, (2, 64))
+    with torch.no_grad():
+        _, want = model(x, x.roll(-1, 1))
+    calls.clear()   # the eager call above decided for eager use
+    assert all(k[-1] == "eager" for k in liger._AUTO)
+    torch._dynamo.reset()
+    compiled = compile_model(model, mode, dynamic=False)
+    _, loss = compiled(x, x.roll(-1, 1))
+    assert {op for op, _, _ in calls} == {"rms_norm", "rope", "swiglu", "cross_entropy"}
+    assert all(c and not tracing for _, c, tracing in calls)
+    assert len(calls) == len({k for k in liger._AUTO if k[-1] == "compiled"})   # once per key
+    n = len(calls)
+    loss.backward()
+    compiled(x, x.roll(-1, 1))
+    assert len(calls) == n
+    torch.testing.assert_close(loss, want)
