@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import graphs
+from blocks import ngpt
 from blocks.ngpt import NGPTResidual
 from blocks.kinds import hidden
 from blocks.registry import Context
@@ -94,6 +95,32 @@ def test_renorm_off_leaves_the_sphere_and_renormalising_is_idempotent():
     m.after_step()
     for n, p in m.named_parameters():
         assert torch.allclose(p, before[n], atol=1e-7), n
+
+
+def test_batched_compiled_retraction_equals_the_eager_one(monkeypatch):
+    """On CUDA the model retracts every matrix in one compiled call (ngpt._retract_all); run here
+    on the CPU in place of the eager loop, it gives the same weights (fp32 and bf16)."""
+    a, b = train(model(), 2), train(model(), 2)
+    with torch.no_grad():   # move both off the sphere alike
+        for p, q in zip(a.parameters(), b.parameters()):
+            noise = torch.randn_like(p) * 0.1
+            p.add_(noise)
+            q.add_(noise)
+    a.after_step()   # eager, matrix by matrix
+    calls = []
+    compiled = ngpt._retract_all
+    monkeypatch.setattr(ngpt, "COMPILED_RETRACTION_ON", ("cuda", "cpu"))
+    monkeypatch.setattr(ngpt, "_retract_all", lambda ws, ax: calls.append(len(ws)) or compiled(ws, ax))
+    b.after_step()
+    assert calls == [len(axes(b))]   # one call for all the model's matrices
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=n)
+    assert_on_sphere(b)
+    w = torch.randn(8, 16).bfloat16()
+    want = w.clone()
+    ngpt.retract_(want, 1)
+    compiled([w], (1,))
+    torch.testing.assert_close(w, want)
 
 
 def test_hidden_state_is_unit_norm_after_every_block():
