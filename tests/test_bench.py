@@ -30,3 +30,17 @@ def test_a_graph_is_timed_against_the_chosen_baseline_without_twins(capsys):
     assert "step time vs llama graph" in out and "| llama hand-written" not in out
     row = next(line for line in out.splitlines() if line.startswith("| ngpt graph (none) | 2 |"))
     assert row.split("|")[6].strip() not in ("-×", "")          # a ratio to the llama graph
+
+
+def test_op_benchmark_times_every_backend_op_and_writes_its_table(capsys, tmp_path):
+    from blocks import liger
+    from search import bench_ops
+    out_file = tmp_path / "b.md"
+    assert bench_ops.main(["--reps", "1", "--write", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    ops = {op for op in liger.TWINS if not op.startswith("mhc")}
+    for op in ops:   # every op a block can put on Liger, with both twin timings
+        row = next(line for line in out.splitlines() if line.startswith(f"| {op} |"))
+        eager, compiled = (float(v) for v in row.split("|")[3:5])
+        assert eager > 0 and compiled > 0 and row.rstrip().endswith("| torch |")   # no Liger on CPU
+    assert out_file.read_text().strip() == out.strip()
