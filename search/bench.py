@@ -363,20 +363,30 @@ def main(argv=None) -> int:
         triton_v = triton.__version__
     except ImportError:
         triton_v = "none"
-    from search.perf import device_name
-    meta = {"title": f"Graph vs hand-written training step ({device_name(device)}, {time.strftime('%Y-%m-%d')})",
-            "command": "python -m search.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device": device_name(device), "torch": torch.__version__, "triton": triton_v,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_meas": peak_meas,
-            "peak_sheet": peak_sheet}
+    meta = run_meta("search.bench", "Graph vs hand-written training step", argv, device,
+                    triton=triton_v, peak_meas=peak_meas, peak_sheet=peak_sheet)
     text = table(rows, warm, meta, a.baseline)
-    print(text)
+    publish(text, a.write)
     print(json.dumps({"rows": rows, "warm": {f"{k[0]}@{k[1]}": v for k, v in warm.items()}, "meta": meta},
                      default=str))
-    if a.write:
-        with open(a.write, "a") as f:
-            f.write("\n" + text)
     return 0
+
+
+def run_meta(prog: str, title: str, argv, device, **extra) -> dict:
+    """Title, command, device, versions and date of a benchmark run, for its table's header."""
+    from search.perf import device_name
+    return {"title": f"{title} ({device_name(device)}, {time.strftime('%Y-%m-%d')})",
+            "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": device_name(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **extra}
+
+
+def publish(text: str, write: str | None) -> None:
+    """Print a benchmark's markdown table and append it to `write` when given."""
+    print(text)
+    if write:
+        with open(write, "a") as f:
+            f.write("\n" + text)
 
 
 if __name__ == "__main__":

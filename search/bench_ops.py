@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
@@ -81,18 +80,9 @@ def main(argv=None) -> int:
             else dict(seq=16, d=32, heads=4, d_ff=64, vocab=100))
     batches = [int(b) for b in (a.batch or ("16,32" if device.type == "cuda" else "1")).split(",")]
     rows = measure(batches, a.reps, device, size)
-    from search.perf import device_name
-    meta = {"title": f"Kernel backends, op by op ({device_name(device)}, {time.strftime('%Y-%m-%d')})",
-            "command": "python -m search.bench_ops " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device": device_name(device), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    text = table(rows, meta)
-    print(text)
-    if a.write:
-        with open(a.write, "a") as f:
-            f.write("\n" + text)
+    from search.bench import publish, run_meta
+    publish(table(rows, run_meta("search.bench_ops", "Kernel backends, op by op", argv, device)), a.write)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
