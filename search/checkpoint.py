@@ -2,13 +2,15 @@
 
 A checkpoint is a folder `step_000123/` holding `model.safetensors` (tied weights stored once),
 `optimizer.safetensors` + `optimizer.json` (the AdamW state, flattened), `rng.safetensors` and
-`state.json` (step, tokens, elapsed times, the data loader's position). It is written into a
-temporary folder, fsynced, renamed into place, and only then does the small `latest` file
-(replaced atomically) point at it; a crash at any moment leaves the previous checkpoint intact.
-Old checkpoints are renamed to a temporary name before they are deleted, so a `step_*` folder is
-always whole. Test hook: PLAYGROUND_CHECKPOINT_PAUSE=SECONDS sleeps at each stage of a write
-(after each file, before each rename) so tests/test_crash.py can land a kill -9 inside one; unset,
-it does nothing.
+`state.json` (step, tokens, elapsed times, the data loader's position). A run that is never
+resumed (a search trial: a retried trial starts afresh) writes no optimizer state, two thirds of
+an AdamW checkpoint; its `state.json` says `"weights_only": true` and `load` refuses to resume
+from it. A checkpoint is written into a temporary folder, fsynced, renamed into place, and only
+then does the small `latest` file (replaced atomically) point at it; a crash at any moment
+leaves the previous checkpoint intact. Old checkpoints are renamed to a temporary name before
+they are deleted, so a `step_*` folder is always whole. Test hook:
+PLAYGROUND_CHECKPOINT_PAUSE=SECONDS sleeps at each stage of a write (after each file, before each
+rename) so tests/test_crash.py can land a kill -9 inside one; unset, it does nothing.
 """
 from __future__ import annotations
 
@@ -95,18 +97,22 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint `step_<state['step']>` atomically and point `latest` at it."""
+def save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None, state: dict) -> Path:
+    """Write checkpoint `step_<state['step']>` atomically and point `latest` at it; without
+    `opt`, a weights-only one (no optimizer state: it can be exported, not resumed)."""
     run_dir = Path(run_dir)
+    if opt is None:
+        state = {**state, "weights_only": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:09d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         save_model(model, str(tmp / "model.safetensors"))
         _pause()
-        tensors, meta = _optimizer_tensors(opt)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
+        if opt is not None:
+            tensors, meta = _optimizer_tensors(opt)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            _write_json(tmp / "optimizer.json", meta)
         _pause()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -168,6 +174,9 @@ def load(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None =
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
+        if opt is not None and state.get("weights_only"):
+            raise CheckpointError(f"cannot resume from checkpoint {path}: it holds the weights only "
+                                  f"(a search trial's, which is never resumed); it can be exported")
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
         if opt is not None:
             tensors = load_file(str(path / "optimizer.safetensors"))

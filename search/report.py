@@ -17,7 +17,14 @@ from pathlib import Path
 import yaml
 
 import graphs
+from search.phases import PHASES
 from search.study import StudyConfig
+
+# the summary's words for the phases of search.phases
+PHASE_WORDS = {"setup": "set-up", "compile": "compile", "train": "training", "eval": "evaluation",
+               "sync": "steps still queued at log points", "log": "logging",
+               "checkpoint": "checkpoints", "track": "tracking", "study": "Optuna",
+               "teardown": "teardown", "other": "other"}
 
 
 def _value(t):
@@ -68,13 +75,25 @@ def rows(study) -> list[dict]:
 
 
 def device_shares(study, used: float) -> dict[str, float]:
-    """Where the study's device time went, in percent: training steps, compilation (first step
-    and evaluation graphs), evaluation, and the rest (set-up, checkpoints, tracking, pruned
-    pre-flights)."""
-    ts = study.get_trials(deepcopy=False)
-    part = {k: sum(t.user_attrs.get(f"{k}_s", 0) for t in ts) for k in ("train", "compile", "eval")}
+    """Where the study's device time went, in percent, by phase (`search.phases`: training steps,
+    compilation, evaluation, set-up, tracking, checkpoints, Optuna, ...). A trial without a `time`
+    attribute (recorded before phases were) counts its training, compilation and evaluation;
+    `other` is the rest of `used`."""
+    part = dict.fromkeys(PHASES, 0.0)
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        split = a.get("time") or {k: a.get(f"{k}_s", 0) for k in ("train", "compile", "eval")}
+        for k, v in split.items():
+            if k in part and k != "other":
+                part[k] += v
     part["other"] = max(used - sum(part.values()), 0.0)
     return {k: 100 * v / max(used, 1e-9) for k, v in part.items()}
+
+
+def _shares_text(share: dict[str, float]) -> str:
+    """The phases other than training, largest first: 'evaluation 40%, compile 6%, ...'."""
+    rest = sorted(((v, k) for k, v in share.items() if k != "train" and v >= 0.5), reverse=True)
+    return ", ".join(f"{PHASE_WORDS[k]} {v:.0f}%" for v, k in rest) or "nothing else"
 
 
 def late_rises(study, rel: float = 0.05) -> list[tuple]:
@@ -126,8 +145,7 @@ def summary(cfg: StudyConfig, study) -> str:
     rate = finished / (used / 3600) if used else 0.0
     lines.append(f"* best{' (Pareto front)' if cfg.also else ''}, b baseline; device time used "
                  f"{used:.0f}s of {cfg.budget_s:.0f}s, {share['train']:.0f}% of it in training steps "
-                 f"(compile {share['compile']:.0f}%, evaluation {share['eval']:.0f}%, set-up, "
-                 f"checkpoints and tracking {share['other']:.0f}%); {rate:.0f} trials per device-hour")
+                 f"({_shares_text(share)}); {rate:.0f} trials per device-hour")
     rises = late_rises(study)
     if rises:
         completed = sum(1 for r in rs if r["state"] == "COMPLETE")

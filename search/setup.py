@@ -20,6 +20,7 @@ from search import checkpoint
 from search.data import Loader, bytes_per_token, open_dataset, val_batches
 from search.dist import setup as dist_setup
 from search.perf import device_name, peak_flops
+from search.phases import Phases
 from search.tokenizer import get_tokenizer
 from search.track import Tracker
 
@@ -57,6 +58,7 @@ class RunConfig:
     tracking_uri: str | None = None
     checkpoint: bool = True
     checkpoint_every_s: float = 600.0             # at evaluations, at most this often (0: each)
+    resumable: bool = True                        # False: checkpoints hold no optimizer state
     pure_steps: int = 0                           # after the run: time steps on a fixed batch
     progress: bool = True
     tags: dict = field(default_factory=dict)
@@ -74,8 +76,9 @@ def git_commit() -> str:
 
 
 class Setup:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, phases: Phases | None = None):
         self.cfg = cfg
+        self.phases = phases or Phases()   # where the run's wall time goes (search.phases)
         self.dist, self.device = dist_setup(cfg.device)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.graph = graphs.load(cfg.graph, cfg.size, cfg.sets).resolve(cfg.params)
@@ -106,9 +109,12 @@ class Setup:
         self.compile_mode = cfg.compile if cfg.compile != "auto" or self.device.type == "cuda" else "none"
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.run_dir = self._run_dir()
-        self.resume_state = self._resume()
-        self.tracker = self._tracker()
+        with self.phases("checkpoint"):
+            self.resume_state = self._resume()
+        with self.phases("track"):
+            self.tracker = self._tracker()
         self.bar = None
+        self.timed: dict[str, tuple] = {}   # time/* key -> (step, value) this process last logged
 
     # ----- BLT's entropy patchers
     def _cached_entropies(self):
@@ -220,6 +226,16 @@ class Setup:
     def track_metrics(self, metrics: dict, step: int) -> None:
         if self.dist.main:
             self.tracker.log_metrics(metrics, step)
+            self.timed.update((k, (step, v)) for k, v in metrics.items() if k.startswith("time/"))
+
+    def time_metrics(self, result) -> dict[str, float]:
+        """`time/<phase>_s` of this process and `time/wall_s`, less what the trainer logged at this
+        step already (a metric is logged once a step). Compile, train and eval are the run's totals,
+        which after a resume include earlier processes."""
+        m = self.phases.metrics()
+        m.update({"time/compile_s": result.compile_s, "time/train_s": result.train_s,
+                  "time/eval_s": result.eval_s})
+        return {k: v for k, v in m.items() if self.timed.get(k) != (result.tokens, v)}
 
     def progress_bar(self, progress, loss, tok_s, mfu_, train_s) -> None:
         if not (self.cfg.progress and self.dist.main):
@@ -234,6 +250,10 @@ class Setup:
         self.bar.refresh()
 
     def close(self, result) -> None:
+        with self.phases("track"):
+            self._close(result)
+
+    def _close(self, result) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.dist.main:
@@ -246,5 +266,7 @@ class Setup:
             if ck is not None and self.cfg.checkpoint:  # weights and state; optimizer stays local
                 for f in ("model.safetensors", "state.json"):
                     self.tracker.log_artifact(str(ck / f), "checkpoint")
+            result.phases = self.phases.split()   # up to here: the tracker's end is not in it
+            self.tracker.log_metrics(self.time_metrics(result), result.tokens)
             (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=1, default=str))
         self.tracker.end(result.status)

@@ -3,7 +3,8 @@ device time, train it for an equal slice of time, report to the pruner, and cont
 
 Device time is counted per trial as its wall time on the device (set-up, compilation, training
 and evaluation included) and summed over the study's trials in storage, so several workers share
-one budget; a running trial counts what it has used so far.
+one budget; a running trial counts what it has used so far. A finished trial's user attribute
+`time` splits that wall time by phase (`search.phases`), and the study's summary sums them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import graphs
 from graphs.cost import analyse
+from search.phases import Phases
 from search.setup import RunConfig
 from search.train import run_training
 
@@ -154,23 +156,29 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial):
         study = trial.study
+        clock = Phases()   # the trial's wall time by phase; Optuna's part (here) is `study`
         started = time.time()
-        trial.set_user_attr("started", started)
-        trial.set_user_attr("pid", os.getpid())
-        if torch.cuda.is_available():  # what earlier trials of this worker left on the device
-            trial.set_user_attr("cuda_bytes_at_start", torch.cuda.memory_allocated())
         try:
-            return self._run(trial, study, started)
+            with clock("study"):
+                trial.set_user_attr("started", started)
+                trial.set_user_attr("pid", os.getpid())
+                if torch.cuda.is_available():  # what earlier trials of this worker left on the device
+                    trial.set_user_attr("cuda_bytes_at_start", torch.cuda.memory_allocated())
+                return self._run(trial, study, started, clock)
         finally:
-            trial.set_user_attr("device_s", time.time() - started)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            with clock("teardown"):
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            split = clock.split()   # seconds per phase (search.phases); they sum to the wall time
+            trial.set_user_attr("device_s", sum(split.values()))
+            trial.set_user_attr("time", split)
 
-    def _run(self, trial, study, started):
+    def _run(self, trial, study, started, clock):
         cfg = self.cfg
         fam, params = sample(trial, self.fams)
-        plan = graphs.elaborate(self.fams[fam].resolve(params))
+        with clock("setup"):
+            plan = graphs.elaborate(self.fams[fam].resolve(params))
         trial.set_user_attr("graph", fam)
         trial.set_user_attr("graph_hash", plan.hash)
         twin = _same_graph(study, trial, plan.hash)
@@ -184,15 +192,17 @@ class Objective:
         if remaining <= 0:
             study.stop()
             self._prune(trial, "the study's device-time budget is spent")
-        cost = analyse(plan)
+        with clock("setup"):
+            cost = analyse(plan)
+            reason = self._preflight(plan, cost, remaining)
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops_per_token", cost.flops_per_token)
-        reason = self._preflight(plan, cost, remaining)
         if reason and "budget" in reason:
             study.stop()
         if reason:
             self._prune(trial, "pre-flight: " + reason)
-        torch._dynamo.reset()  # a fresh compilation state per trial: no silent eager fallback
+        with clock("setup"):
+            torch._dynamo.reset()  # a fresh compilation state per trial: no silent eager fallback
         budget = None if cfg.trial_budget_s is None else min(cfg.trial_budget_s, remaining)
         run = RunConfig(graph=cfg.families[fam], size=cfg.size,
                         sets=cfg.family_sets[cfg.families[fam]], params=params,
@@ -202,10 +212,12 @@ class Objective:
                         experiment=cfg.experiment, run_name=f"{cfg.study}-trial-{trial.number}",
                         parent_run_id=cfg.parent_run_id, tracking_uri=cfg.tracking_uri,
                         progress=False, checkpoint=True, out=f"runs/{cfg.study}/trial-{trial.number}",
+                        resumable=False,  # a retried trial is a new trial that starts afresh
                         tags={"optuna.study": cfg.study, "optuna.trial": str(trial.number)})
         failure = None
         try:
-            result = run_training(run, on_eval=self._on_eval(trial, started))
+            with clock("other"):  # what run_training does not name is not Optuna's
+                result = run_training(run, on_eval=self._on_eval(trial, started, clock), phases=clock)
         except Exception as e:
             trial.set_user_attr("status", "failed")
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
@@ -215,9 +227,10 @@ class Objective:
             # out-of-memory error, all of the device): drop them before the next trial starts.
             traceback.clear_frames(e.__traceback__)
         if failure is not None:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            with clock("teardown"):
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             raise TrialFailed(failure)
         self._record(trial, result)
         if result.status == "pruned":
@@ -248,33 +261,38 @@ class Objective:
         trial.set_user_attr("prune_reason", reason)
         raise optuna.TrialPruned(reason)
 
-    def _on_eval(self, trial, started):
-        cfg = self.cfg
-
+    def _on_eval(self, trial, started, clock: Phases | None = None):
+        clock = clock or Phases()
         evals = 0
 
         def report(tokens: int, metrics: dict) -> bool:
             nonlocal evals
             evals += 1
-            if cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) <= 0:
-                trial.set_user_attr("prune_reason", "the study's device-time budget ran out mid-trial")
-                return True
-            if self.multi:
-                return False  # Optuna prunes single-objective studies only
-            value = metrics["val/bpb"] if cfg.objective == "val_bpb" else metrics["val/loss"]
-            # the step is the evaluation's index, not the tokens seen: trials train for equal time,
-            # so evaluation k of every trial comes after the same training time (with equal tokens,
-            # after the same tokens) and the pruners compare like with like at the same step; token
-            # steps differ between architectures, which left the median pruner nothing to compare
-            # and stacked all of successive halving's rungs onto the first evaluation
-            trial.report(value, step=evals)
-            trial.set_user_attr(f"tokens_at_eval_{evals}", tokens)
-            if evals < cfg.evals and trial.should_prune():   # after the last, nothing is left to save
-                trial.set_user_attr("prune_reason", f"pruner: {cfg.objective} {value:.4f} at "
-                                                    f"evaluation {evals} of {cfg.evals} ({tokens:,} tokens)")
-                return True
-            return False
+            with clock("study"):
+                return self._report(trial, started, evals, tokens, metrics)
         return report
+
+    def _report(self, trial, started, evals: int, tokens: int, metrics: dict) -> bool:
+        """Evaluation `evals` to Optuna; True to stop the trial (pruned, or the budget is spent)."""
+        cfg = self.cfg
+        if cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) <= 0:
+            trial.set_user_attr("prune_reason", "the study's device-time budget ran out mid-trial")
+            return True
+        if self.multi:
+            return False  # Optuna prunes single-objective studies only
+        value = metrics["val/bpb"] if cfg.objective == "val_bpb" else metrics["val/loss"]
+        # the step is the evaluation's index, not the tokens seen: trials train for equal time,
+        # so evaluation k of every trial comes after the same training time (with equal tokens,
+        # after the same tokens) and the pruners compare like with like at the same step; token
+        # steps differ between architectures, which left the median pruner nothing to compare
+        # and stacked all of successive halving's rungs onto the first evaluation
+        trial.report(value, step=evals)
+        trial.set_user_attr(f"tokens_at_eval_{evals}", tokens)
+        if evals < cfg.evals and trial.should_prune():   # after the last, nothing is left to save
+            trial.set_user_attr("prune_reason", f"pruner: {cfg.objective} {value:.4f} at "
+                                                f"evaluation {evals} of {cfg.evals} ({tokens:,} tokens)")
+            return True
+        return False
 
     def _record(self, trial, r) -> None:
         for k in ("status", "val_bpb", "val_loss", "tok_s", "mfu", "train_s", "compile_s", "eval_s",

@@ -14,23 +14,28 @@ from graphs.compile import MODES
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
 from search.dist import teardown
+from search.phases import Phases
 from search.setup import RunConfig, Setup
 from search.trainer import RunResult, Trainer
 
 EXIT = {"completed": 0, "pruned": 0, "diverged": 3, "interrupted": 130, "failed": 1}
 
 
-def run_training(cfg: RunConfig, on_eval=None) -> RunResult:
-    """Train per `cfg`; a failure after tracking started is recorded (status failed, traceback)."""
+def run_training(cfg: RunConfig, on_eval=None, phases: Phases | None = None) -> RunResult:
+    """Train per `cfg`; a failure after tracking started is recorded (status failed, traceback).
+    `phases`: the clock to split the wall time on (a search trial's own; default a new one)."""
     if cfg.budget_s is None and cfg.max_tokens is None and cfg.max_bytes is None:
         raise ValueError("give a time budget, a token count or a byte count")
-    setup = Setup(cfg)
+    phases = phases or Phases()
+    with phases("setup"):
+        setup = Setup(cfg, phases)
     try:
         return Trainer(setup, on_eval).run()
     except Exception as e:
         result = RunResult("failed", message=f"{type(e).__name__}: {e}", run_id=setup.tracker.run_id,
                            run_dir=str(setup.run_dir))
-        setup.tracker.log_text(traceback.format_exc(), "error.txt")
+        with phases("track"):
+            setup.tracker.log_text(traceback.format_exc(), "error.txt")
         setup.close(result)
         raise
 

@@ -1,7 +1,8 @@
 """One training run of one concrete graph: the loop, its budget, evaluation and checkpoints.
 
 The budget is device time spent in training steps. The first step (which compiles) and the
-evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count. A compiled
+evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count; at its end
+the run logs where all of its wall time went (`time/<phase>_s`, `search.phases`). A compiled
 run first loads the compile cache of its graph hash and shapes (`search.compile_cache`; tag
 `compile_cache`: hit, miss or off) and, on a miss, writes it after warm-up. The
 schedule's horizon follows the budget, so a time-budgeted run still warms up and anneals.
@@ -47,6 +48,7 @@ class RunResult:
     run_dir: str | None = None
     message: str = ""
     history: list = field(default_factory=list)
+    phases: dict = field(default_factory=dict)   # seconds per phase of this process (search.phases)
 
 
 def _fault(trial: str | None = None) -> tuple[str, int] | None:
@@ -74,8 +76,11 @@ class Trainer:
         self.on_eval = on_eval          # callback(tokens, metrics) -> True to stop (prune)
         self.model = s.model
         self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
-        self.step_fn = self._compile()
-        self.ddp = s.wrap(self.step_fn)
+        with s.phases("compile") as span:
+            self.step_fn = self._compile()
+        self.load_s = span.seconds  # part of the compile cost, like the first step
+        with s.phases("setup"):
+            self.ddp = s.wrap(self.step_fn)
         self.loss_acc = None
         self.bad_step = None
         self.fault = _fault(s.cfg.tags.get("optuna.trial"))
@@ -86,11 +91,10 @@ class Trainer:
         key = cache_key(s.plan.hash, micro_batch=s.recipe.micro_batch, seq_len=s.plan.seq_len,
                         amp_dtype=s.amp_dtype, mode=s.compile_mode, world=s.dist.world, device=s.device)
         self.cache = CompileCache(key, enabled=s.compile_mode != "none")
-        t0 = time.perf_counter()
         self.r.compile_cache = self.cache.load()
-        self.load_s = time.perf_counter() - t0  # part of the compile cost, like the first step
         if s.dist.main:
-            s.tracker.set_tags({"compile_cache": self.r.compile_cache})
+            with s.phases("track"):
+                s.tracker.set_tags({"compile_cache": self.r.compile_cache})
         if self.cache.status == "off":
             return s.model
         self.graphs_before = graph_cache_counts()
@@ -103,7 +107,8 @@ class Trainer:
         self.cache.save()
         now = graph_cache_counts()
         hit, miss = (now[k] - self.graphs_before[k] for k in ("hit", "miss"))
-        self.s.tracker.set_tags({"compile_cache_graphs": f"{hit} reused, {miss} compiled"})
+        with self.s.phases("track"):
+            self.s.tracker.set_tags({"compile_cache_graphs": f"{hit} reused, {miss} compiled"})
 
     # ----- budget and schedule
     def progress(self) -> float:
@@ -169,24 +174,23 @@ class Trainer:
         self.last_ckpt = time.perf_counter()
         try:
             while True:
-                t0 = time.perf_counter()
-                self.train_step()
+                first = self.r.step == (state or {}).get("step", 0)  # the compiling step
+                self._timed_step(first)
                 n_since_log += 1
-                if self.r.step == (state or {}).get("step", 0) + 1:  # the compiling step
-                    self._sync()
-                    self._after_compile()
-                    self.r.compile_s += time.perf_counter() - t0 + self.load_s
+                if first:
                     s.track_metrics({"time/compile_s": self.r.compile_s}, self.r.tokens)
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                     loop_t0, loop_tokens0 = last_log_t, self.r.tokens
                     self.loss_acc = None
                     continue
-                self.r.train_s += time.perf_counter() - t0
                 done = self.progress() >= 1.0
                 if n_since_log >= self.cfg.log_every or done:
-                    self._sync()
+                    with s.phases("sync"):
+                        self._sync()
                     now = time.perf_counter()
-                    if self._log(now - last_log_t, self.r.tokens - last_log_tokens, n_since_log):
+                    with s.phases("log"):
+                        diverged = self._log(now - last_log_t, self.r.tokens - last_log_tokens, n_since_log)
+                    if diverged:
                         return self._finish("diverged")
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                 if done or self.progress() >= next_eval:
@@ -205,6 +209,19 @@ class Trainer:
         except KeyboardInterrupt:
             self._checkpoint()
             return self._finish("interrupted", "stopped by Ctrl-C; a final checkpoint was written")
+
+    def _timed_step(self, first: bool) -> None:
+        """One optimizer step, timed: the first one (it compiles) into compile_s with the compile
+        cache's load and write, every other one into train_s, the budget."""
+        with self.s.phases("compile" if first else "train") as span:
+            self.train_step()
+            if first:
+                self._sync()
+                self._after_compile()
+        if first:
+            self.r.compile_s += span.seconds + self.load_s
+        else:
+            self.r.train_s += span.seconds
 
     def _next_eval(self) -> float:
         n = max(1, self.cfg.evals)
@@ -238,20 +255,25 @@ class Trainer:
 
     def _evaluate(self) -> bool:
         s = self.s
-        t0 = time.perf_counter()
         stop = False
+        with s.phases("sync"):  # the steps still queued on the device are training, not evaluation
+            self._sync()
         s.feed_entropies(None)  # BLT graphs: validation is scored by the entropy model
         if s.dist.main:
-            patch_stats(s.model)  # BLT graphs: count patches over the validation span only
-            metrics = evaluate(s.model, s.val, s.autocast)
-            metrics.update(patch_stats(s.model))
+            with s.phases("eval") as span:
+                patch_stats(s.model)  # BLT graphs: count patches over the validation span only
+                metrics = evaluate(s.model, s.val, s.autocast)
+                metrics.update(patch_stats(s.model))
             self.r.val_loss, self.r.val_bpb = metrics["val/loss"], metrics["val/bpb"]
-            self.r.eval_s += time.perf_counter() - t0
+            self.r.eval_s += span.seconds
             metrics["time/eval_s"] = self.r.eval_s
             self.r.history.append({"tokens": self.r.tokens, "train_s": self.r.train_s, **metrics})
-            s.track_metrics(metrics, self.r.tokens)
+            with s.phases("log"):
+                s.track_metrics(metrics, self.r.tokens)
             if len(self.r.history) == 1:  # regional mode compiled the no-grad graphs just now
-                self.cache.save()
+                with s.phases("compile") as span:
+                    self.cache.save()
+                self.r.compile_s += span.seconds
             if self.on_eval is not None:
                 stop = bool(self.on_eval(self.r.tokens, metrics))
         stop = broadcast_flag(s.dist, stop, s.device)
@@ -261,8 +283,10 @@ class Trainer:
     def _checkpoint(self, force: bool = True) -> None:
         due = time.perf_counter() - self.last_ckpt >= self.cfg.checkpoint_every_s
         if self.s.dist.main and self.cfg.checkpoint and (force or due):
-            self.s.tracker.flush_local()  # a resume never logs again what this says is logged
-            checkpoint.save(self.s.run_dir, self.s.model, self.s.opt, self._state())
+            with self.s.phases("checkpoint"):
+                self.s.tracker.flush_local()  # a resume never logs again what this says is logged
+                opt = self.s.opt if self.cfg.resumable else None  # a weights-only checkpoint
+                checkpoint.save(self.s.run_dir, self.s.model, opt, self._state())
             self.last_ckpt = time.perf_counter()
         barrier(self.s.dist)
 

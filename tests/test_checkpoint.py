@@ -77,3 +77,21 @@ def test_damaged_checkpoints_are_rejected_with_a_clear_error(tmp_path, damage):
         f.unlink()
     with pytest.raises(checkpoint.CheckpointError, match=str(path)):
         checkpoint.load(path, *tiny())
+
+
+def test_a_weights_only_checkpoint_exports_but_does_not_resume(tmp_path):
+    # a search trial is never resumed (a retry is a new trial): its checkpoint skips the AdamW
+    # state, two thirds of the bytes, and a resume from it fails with a clear error
+    model, opt = tiny()
+    step(model, opt, 0)
+    full = checkpoint.save(tmp_path / "full", model, opt, {"step": 1})
+    light = checkpoint.save(tmp_path / "light", model, None, {"step": 1})
+    assert not list(light.glob("optimizer.*")) and (full / "optimizer.safetensors").exists()
+    assert (light / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    size = {p: sum(f.stat().st_size for f in p.iterdir()) for p in (full, light)}
+    assert size[light] < 0.4 * size[full]
+    model2, opt2 = tiny()
+    assert checkpoint.load(light, model2)["weights_only"] is True
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    with pytest.raises(checkpoint.CheckpointError, match="holds the weights only"):
+        checkpoint.load(light, model2, opt2)

@@ -85,15 +85,18 @@ def model_for(params: dict | None = None):
     return model, torch.optim.AdamW(model.param_groups(0.1), lr=1e-3), plan.hash
 
 
-def check_checkpoints(run_dir: Path, params: dict | None = None) -> int:
-    """Every `step_*` entry loads with the project's loader (tensors, optimizer, state); `latest`
-    names one of them. Returns how many were loaded."""
+def check_checkpoints(run_dir: Path, params: dict | None = None, resumable: bool = True) -> int:
+    """Every `step_*` entry loads with the project's loader (tensors, optimizer, state; a search
+    trial's weights-only ones without an optimizer); `latest` names one of them. Returns how
+    many were loaded."""
     if not run_dir.exists():
         return 0
     model, opt, digest = model_for(params)
     names = sorted(p.name for p in run_dir.glob("step_*"))
     for name in names:
-        state = checkpoint.load(run_dir / name, model, opt)   # CheckpointError when half-written
+        # CheckpointError when half-written
+        state = checkpoint.load(run_dir / name, model, opt if resumable else None)
+        assert state.get("weights_only", False) is not resumable, name
         assert state["step"] == int(name[len("step_"):]) and state["graph_hash"] == digest, name
     if (run_dir / "latest").exists():
         named = (run_dir / "latest").read_text().strip()
@@ -265,7 +268,7 @@ def check_trial_checkpoints(tmp: Path, study: str, trials) -> int:
     params = {t.number: t.params for t in trials}
     n = 0
     for d in sorted((tmp / "runs" / study).glob("trial-*")):
-        n += check_checkpoints(d, params[int(d.name.split("-")[1])])
+        n += check_checkpoints(d, params[int(d.name.split("-")[1])], resumable=False)
     return n
 
 
