@@ -219,7 +219,7 @@ class HCRead(_Connection):
             return ops.mhc_pre(h, self.pre_proj, self.pre_bias, self.pre_scale, self.cfg.eps).unsqueeze(-1)
         if self.cfg.mode == "dynamic":
             x = ops.rms_normed(h, self.cfg.eps)
-            return self.a_m + self.s_alpha * torch.tanh(ops.project(x, self.w_m))
+            return self.a_m + self.s_alpha * torch.tanh(x.to(self.w_m.dtype) @ self.w_m)
         return self.a_m
 
     def forward(self, h):
@@ -309,9 +309,9 @@ class HCWrite(_Connection):
             post = ops.mhc_post(h, self.post_proj, self.post_bias, self.post_scale, self.cfg.eps)
             return self.res_matrix(h).transpose(-1, -2), post.unsqueeze(-2)
         if self.cfg.mode == "dynamic":
-            x = ops.rms_normed(h, self.cfg.eps)
-            a_r = self.a_r + self.s_alpha * torch.tanh(ops.project(x, self.w_r))
-            beta = self.beta + self.s_beta * torch.tanh(ops.project(x, self.w_beta)).transpose(-1, -2)
+            x = ops.rms_normed(h, self.cfg.eps).to(self.w_r.dtype)
+            a_r = self.a_r + self.s_alpha * torch.tanh(x @ self.w_r)
+            beta = self.beta + self.s_beta * torch.tanh(x @ self.w_beta).transpose(-1, -2)
             return a_r, beta
         return self.a_r, self.beta
 

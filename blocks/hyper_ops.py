@@ -31,14 +31,6 @@ def mix(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-1) * x.unsqueeze(-2)).sum(dim=-3)
 
 
-def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w for the dynamic coefficients' thin projections (w: (width, k), k <= a few streams),
-    as a multiply-and-sum in x's precision: Inductor fuses it with the norm before it and the
-    tanh after it into one reduction, where a matmul is a separate cuBLAS call on a bf16 copy
-    of the streams under autocast."""
-    return (x.unsqueeze(-1) * w.to(x.dtype)).sum(dim=-2)
-
-
 def rms_normed(x: torch.Tensor, eps: float, dims: int = 1) -> torch.Tensor:
     """x / rms(x) over the last `dims` dimensions, without a gain, in at least fp32.
 
