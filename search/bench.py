@@ -217,12 +217,13 @@ def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, t
             for r in runners:
                 r.compile_s = _first_step(r, device)
                 r.timed(3)
-            graphs_before = unique_graphs()
             times = {r.label: [] for r in runners}
+            recompiles = {r.label: 0 for r in runners}   # new Dynamo graphs during each one's steps
             for _ in range(max(1, steps // 5)):  # interleaved rounds of 5 steps each
                 for r in runners:
+                    before = unique_graphs()
                     times[r.label] += r.timed(5)
-            recompiles = unique_graphs() - graphs_before
+                    recompiles[r.label] += unique_graphs() - before
             peaks = peak_memory(runners, device)
             for r in runners:
                 med = statistics.median(times[r.label])
@@ -230,7 +231,7 @@ def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, t
                 rows.append({"model": r.label, "batch": batch, "tok_s": tok_s, "ms_step": med * 1e3,
                              "mfu_meas": r.fpt * tok_s / peak_meas if peak_meas else None,
                              "mfu_sheet": r.fpt * tok_s / peak_sheet if peak_sheet else None,
-                             "compile_s": r.compile_s, "recompiles": recompiles, "loss_check": loss,
+                             "compile_s": r.compile_s, "recompiles": recompiles[r.label], "loss_check": loss,
                              "steps": len(times[r.label]), "peak_gib": peaks.get(r.label),
                              "cache_dir": getattr(r, "cache_dir", None)})
             del runners
