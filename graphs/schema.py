@@ -106,7 +106,7 @@ def schema() -> dict:
         "required": ["name", "vars", "sizes", "nodes", "outputs"],
         "additionalProperties": False,
         "properties": {
-            "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+            "name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},   # never ".", ".." or hidden
             "description": {"type": "string"},
             "input": {"enum": ["tokens", "bytes"], "default": "tokens"},
             "vars": {"type": "object", "propertyNames": {"pattern": ID},

@@ -128,6 +128,7 @@ CASES = [
          "nesting", "description"),
     Case("duplicate-key", edit(("  d_model: 64\n", "  d_model: 64\n  d_model: 128\n")),
          "duplicate key 'd_model'", "d_model: 128"),
+    Case("name-dot-dot", edit(("name: base", "name: ..")), "not a valid name", "name: .."),
     Case("non-scalar-key", edit(("name: base", "name: base\n? [a, b]\n: 1")), "plain scalars", "? [a"),
     # ---- top level
     Case("missing-nodes", edit((BASE[BASE.index("nodes:"):BASE.index("outputs:")], "")),
