@@ -29,7 +29,7 @@ FLOPS_FORMULA = ("3 x forward FLOPs counted by torch.utils.flop_counter (matmuls
                  "full) = PaLM's 6N + 12*L*d*T for a GPT-2 graph")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeCost:
     name: str
     type: str
@@ -38,7 +38,7 @@ class NodeCost:
     act_bytes: float            # per sequence, bf16
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cost:
     params: int
     params_non_embedding: int
@@ -165,8 +165,21 @@ def _check_params(plan: Plan, params: int) -> None:
                              ("vars",))
 
 
+_ANALYSED: dict[str, Cost] = {}   # graph hash -> its cost (a study's pre-flight, then its trial)
+
+
 def analyse(plan: Plan) -> Cost:
-    """Parameters, FLOPs per token, activation memory; raises GraphError on absurd sizes."""
+    """Parameters, FLOPs per token, activation memory; raises GraphError on absurd sizes.
+    Remembered by graph hash (which covers every node's config, the wiring and the recipe)."""
+    key = plan.hash
+    if key not in _ANALYSED:
+        if len(_ANALYSED) >= 256:
+            _ANALYSED.pop(next(iter(_ANALYSED)))
+        _ANALYSED[key] = _analyse(plan)
+    return _ANALYSED[key]
+
+
+def _analyse(plan: Plan) -> Cost:
     _check_params(plan, rough_params(plan))  # absurd sizes are refused before the full build
     model = build(plan, device="meta", seed=None)
     params = model.num_params()
