@@ -327,12 +327,10 @@ def benchmark(op: str, args, compiled: bool = False) -> str:
     """'liger' or 'torch', whichever runs op's forward + backward faster on these shapes; with
     `compiled`, against the twin compiled by torch.compile (its first call, the compile, is the
     warm-up that `_time` does not count)."""
-    keep = torch.autograd.graph.saved_tensors_hooks(_same, _same)   # over decide_compiled's drop
-    if not compiled:
-        with keep:
-            return "liger" if _time(LIGER[op], args) < _time(TWINS[op], args) else "torch"
-    with torch.compiler.set_stance("default"), keep:   # decide_compiled runs the model force_eager
-        return "liger" if _time(LIGER[op], args) < _time(_compiled_twin(op), args) else "torch"
+    twin = _compiled_twin(op) if compiled else TWINS[op]
+    # saving tensors again (over decide_compiled's drop); compiling again (it runs force_eager)
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same), torch.compiler.set_stance("default"):
+        return "liger" if _time(LIGER[op], args) < _time(twin, args) else "torch"
 
 
 def _same(t):
