@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 import search.track
+import search.track_store
 from search.track import HTTP_ENV, METRICS_PER_BATCH, PARAM_VALUE_LIMIT, Tracker, TrackingWarning, flatten
 
 
@@ -230,8 +231,8 @@ def test_server_that_never_answers_is_given_up_at_the_deadline(tmp_path, http_en
 
 def test_store_lost_mid_run_goes_offline_with_one_warning(uri, tmp_path, monkeypatch, capfd):
     # the store never comes back: one warning, the run goes on, and end() says what stayed local
-    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
-    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(search.track_store, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track_store, "FLUSH_INTERVAL_S", 0.05)
 
     def gone(*args, **kwargs):
         raise ConnectionError("server went away")
@@ -293,8 +294,8 @@ def wait_until(condition, timeout=10.0):
 
 
 def test_store_back_mid_run_gets_the_backlog_once_in_order(uri, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
-    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(search.track_store, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track_store, "FLUSH_INTERVAL_S", 0.05)
     keys = ["train/loss", "perf/tok_s"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -339,9 +340,9 @@ def test_store_back_mid_run_gets_the_backlog_once_in_order(uri, tmp_path, monkey
 
 
 def test_backlog_is_bounded_and_the_oldest_stay_local(uri, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(search.track, "RETRY_EVERY_S", 0.1)
-    monkeypatch.setattr(search.track, "FLUSH_INTERVAL_S", 0.05)
-    monkeypatch.setattr(search.track, "BACKLOG_LIMIT", 50)
+    monkeypatch.setattr(search.track_store, "RETRY_EVERY_S", 0.1)
+    monkeypatch.setattr(search.track_store, "FLUSH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(search.track_store, "BACKLOG_LIMIT", 50)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         with tracker(uri, tmp_path) as t:
