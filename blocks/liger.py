@@ -9,12 +9,14 @@ A block with an `impl` field calls `run(op, impl, *args)`:
   A compiled model compares Liger with the *compiled* twin (what Inductor would run): before its
   first step, `graphs.compile` runs it once eagerly with `decide_compiled`, which makes those
   decisions on the real shapes; the trace then reads them (nothing is benchmarked while tracing;
-  a missing decision takes the twin, which Inductor fuses with its neighbours). The norms and
-  RoPE are not benchmarked for a compiled model: there Inductor fuses their twins with the
-  residual add, the reshapes and the casts around them, which a benchmark of the op alone cannot
-  see. On the H100 the Llama graph with Liger's RMSNorm, chosen by such a benchmark at batch 32,
-  ran 3.4% slower than with the twin; SwiGLU, GEGLU, the losses and mHC sit between matmuls or
-  at a region's end, so their benchmark alone is what they cost in the model.
+  a missing decision takes the twin, which Inductor fuses with its neighbours). Only ops whose
+  Liger kernel runs outside the compiled regions (fused linear cross-entropy) are benchmarked
+  for a compiled model; every other op takes the twin there. Inside a region a Liger kernel is an
+  opaque call that breaks Inductor's fusions, and torch 2.11's Dynamo cannot analyse Liger's
+  Triton kernels ("'float' object has no attribute 'to'"), so it treats their inputs as mutated.
+  Measured on the H100 (docs/benchmarks.md, runs 6 and 7): Liger's RMSNorm chosen at batch 32
+  made llama@auto 3.4% slower than the twin; with the norms and RoPE kept on the twin and SwiGLU
+  and cross-entropy still benchmarked, llama@auto ran 7-8% slower at batch 16 and 32.
 
 `liger_kernel` is imported lazily, only when a Liger path runs. Pitfalls handled here (see
 architectures.md §6): RMSNorm runs with in_place=False (in-place writes dX into the dY buffer);
@@ -273,8 +275,9 @@ def can_run(device: torch.device) -> bool:
     return device.type == "cuda" and LIGER_INSTALLED
 
 
-# ops whose twin Inductor fuses with its neighbours in a compiled region: auto takes the twin there
-FUSED_IN_REGIONS = frozenset({"rms_norm", "layer_norm", "rope"})
+# ops whose Liger kernel runs outside compiled regions: for a compiled model, auto benchmarks
+# only these (any other op takes the twin there; see the module docstring)
+RUN_OUTSIDE_REGIONS = frozenset({"linear_cross_entropy"})
 
 _AUTO: dict[tuple, str] = {}   # (op, device, dtype, shapes, statics, context) -> "torch" | "liger"
 
@@ -382,7 +385,7 @@ def choose(op: str, impl: str, args) -> str:
     if not can_run(device):
         return "torch"
     tracing = torch.compiler.is_compiling()
-    if (tracing or _DECIDING) and op in FUSED_IN_REGIONS:
+    if (tracing or _DECIDING) and op not in RUN_OUTSIDE_REGIONS:
         return "torch"
     key = (*_key(op, args), "compiled" if tracing or _DECIDING else "eager")
     if key not in _AUTO:

@@ -50,7 +50,7 @@ def measure(batches, reps: int, device, size: dict) -> list[dict]:
                 if liger.can_run(device):
                     row["liger_ms"] = liger._time(liger.LIGER[op], args, reps) * 1e3
             faster = (row["liger_ms"] is not None and row["liger_ms"] < row["compiled_ms"]
-                      and op not in liger.FUSED_IN_REGIONS)   # auto's rule for compiled models
+                      and op in liger.RUN_OUTSIDE_REGIONS)   # auto's rule for compiled models
             rows.append({**row, "auto": "liger" if faster else "torch"})
             torch._dynamo.reset()   # each shape compiles afresh: no recompile limit across batches
     return rows
