@@ -363,12 +363,15 @@ def decide_compiled(model, *args, **kwargs) -> None:
         _DECIDING = False
 
 
-def has_auto(model) -> bool:
-    """Whether a built model has a node with impl auto that could choose Liger here."""
+def decides_when_compiled(model) -> bool:
+    """Whether a built model, compiled, has an auto choice to make here: a node with impl auto
+    whose Liger kernel runs outside the regions (the others take the twin without a benchmark,
+    so the eager decision pass of `decide_compiled` would only cost time)."""
     params = list(model.parameters())
     if not params or not can_run(params[0].device):
         return False
-    return any(getattr(getattr(m, "cfg", None), "impl", None) == "auto" for m in model.modules())
+    return any(getattr(m, "type_name", None) in RUN_OUTSIDE_REGIONS
+               and getattr(getattr(m, "cfg", None), "impl", None) == "auto" for m in model.modules())
 
 
 def choose(op: str, impl: str, args) -> str:

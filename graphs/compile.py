@@ -54,10 +54,11 @@ def _nested(model: GraphModel, groups: list, options: dict) -> nn.Module:
 
 
 def _decide_auto_first(model: GraphModel, compiled: nn.Module) -> nn.Module:
-    """Nodes with impl auto decide between Liger and the compiled twin on the first call's
-    inputs, eagerly, before that call compiles (blocks.liger.decide_compiled)."""
+    """Nodes with impl auto that run outside the regions decide between Liger and the compiled
+    twin on the first call's inputs, eagerly, before that call compiles
+    (blocks.liger.decide_compiled)."""
     from blocks import liger
-    if not liger.has_auto(model):
+    if not liger.decides_when_compiled(model):
         return compiled
 
     def first(_, args, kwargs):

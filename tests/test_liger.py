@@ -388,7 +388,9 @@ def test_a_compiled_auto_model_runs_the_twin_in_its_regions(monkeypatch, mode):
     torch._dynamo.reset()
     compiled = compile_model(model, mode, dynamic=False)
     _, loss = compiled(x, x.roll(-1, 1))
-    # inside compiled regions every op takes the twin unbenchmarked: the trace is the torch graph's
+    # inside compiled regions every op takes the twin unbenchmarked: the trace is the torch graph's,
+    # and no eager decision pass runs before it
+    assert not liger.decides_when_compiled(model)
     assert calls == []
     assert not any(k[-1] == "compiled" for k in liger._AUTO)
     loss.backward()
@@ -400,7 +402,8 @@ def test_a_compiled_auto_model_runs_the_twin_in_its_regions(monkeypatch, mode):
 def test_a_compiled_model_benchmarks_only_ops_that_run_outside_its_regions(monkeypatch):
     """While a compiled model decides (and while it is traced), fused linear cross-entropy, whose
     Liger kernel runs outside the regions, is benchmarked against the compiled twin once; any
-    other op takes the twin without a benchmark."""
+    other op takes the twin without a benchmark. Only a model with such a node decides at all."""
+    from search.bench import variant_sets
     calls = []
 
     def fake_benchmark(op, args, compiled=False):
@@ -417,6 +420,9 @@ def test_a_compiled_model_benchmarks_only_ops_that_run_outside_its_regions(monke
                      ("cross_entropy", (torch.randn(8, 10), t, -1))):
         assert liger.choose(op, "auto", args) == "torch"
     assert calls == [("linear_cross_entropy", True)]
+    sets = [v.replace("impl: torch", "impl: auto") for v in variant_sets("llama@chunked", "tiny")]
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=sets)
+    assert liger.decides_when_compiled(graphs.build(elaborate(g.resolve()), seed=0))
     monkeypatch.setattr(liger, "_DECIDING", False)   # eager: every op is benchmarked
     assert liger.choose("swiglu", "auto", (x, x)) == "liger"
     assert calls[-1] == ("swiglu", False)
