@@ -6,12 +6,12 @@ A block with an `impl` field calls `run(op, impl, *args)`:
 - `auto`: the twin where Liger cannot run; on CUDA, whichever of the two a micro-benchmark
   (forward + backward on random inputs of the same shapes) finds faster, decided once per op,
   device, dtype, shapes and context and cached. Eager calls compare Liger with the eager twin.
-  A compiled model compares Liger with the *compiled* twin (what Inductor would run): before its
-  first step, `graphs.compile` runs it once eagerly with `decide_compiled`, which makes those
-  decisions on the real shapes; the trace then reads them (nothing is benchmarked while tracing;
-  a missing decision takes the twin, which Inductor fuses with its neighbours). Only ops whose
-  Liger kernel runs outside the compiled regions (fused linear cross-entropy) are benchmarked
-  for a compiled model; every other op takes the twin there. Inside a region a Liger kernel is an
+  A compiled model takes the twin for every op inside its regions, unbenchmarked. Only an op
+  whose Liger kernel runs outside the regions (fused linear cross-entropy) is benchmarked there,
+  against the *compiled* twin: before the first step of such a model (`decides_when_compiled`),
+  `graphs.compile` runs it once eagerly with `decide_compiled`, which decides on the real
+  shapes; the trace then reads the decision (nothing is benchmarked while tracing; a missing
+  decision takes the twin). Inside a region a Liger kernel is an
   opaque call that breaks Inductor's fusions, and torch 2.11's Dynamo cannot analyse Liger's
   Triton kernels ("'float' object has no attribute 'to'"), so it treats their inputs as mutated.
   Measured on the H100 (docs/benchmarks.md, runs 6 and 7): Liger's RMSNorm chosen at batch 32
