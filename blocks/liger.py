@@ -108,17 +108,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             xc, vc = xs[i:i + chunk], valid[i:i + chunk]
             tc = targets[i:i + chunk].clamp(min=0)
-            # the chunk's logits stay in the compute dtype; every reader casts them up itself, so
-            # compiled, the casts fuse into the reductions and no fp32 [chunk, V] copy is written
-            lg = xc @ w.T
-            lse = torch.logsumexp(lg.to(acc), dim=-1)
-            picked = lg.gather(1, tc[:, None])[:, 0].to(acc)
-            total = total + torch.where(vc, lse - picked, 0.0).sum()
+            lg = (xc @ w.T).to(acc)
+            lse = torch.logsumexp(lg, dim=-1)
+            total = total + torch.where(vc, lse - lg.gather(1, tc[:, None])[:, 0], 0.0).sum()
             if gx is None and gw is None:
                 continue
-            # softmax minus the one-hot of the target, as one pointwise expression written once,
-            # in the compute dtype
-            g = torch.exp(lg.to(acc) - lse[:, None]) - (cols[None, :] == tc[:, None]).to(acc)
+            # softmax minus the one-hot of the target, as one pointwise expression (Inductor
+            # writes it once, in the compute dtype; no fp32 [chunk, V] copy is kept)
+            g = torch.exp(lg - lse[:, None]) - (cols[None, :] == tc[:, None]).to(acc)
             g = (g * vc[:, None]).to(cd)
             if gx is not None:
                 gx[i:i + chunk] = g @ w
