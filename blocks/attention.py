@@ -32,7 +32,8 @@ def rope_tables(max_seq: int, rot_dim: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x [B, H, T, D]; the rest pass unchanged."""
+    """Rotate the first cos.shape[-1] channels of x's last dimension; the rest pass unchanged.
+    cos and sin broadcast against x: [T, r] for x [B, H, T, D], [T, 1, r] for x [B, T, H, D]."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
@@ -161,18 +162,20 @@ class Attention(Block):
         if self.mixes:
             lam = self.value_lambda.to(v.dtype)
             v = lam[0] * v + lam[1] * v_first
-        q = q.view(b, t, self.h, self.dh).transpose(1, 2)
-        k = k.view(b, t, self.kv, self.dh).transpose(1, 2)
-        v = v.view(b, t, self.kv, self.dh).transpose(1, 2)
+        # QK-norm and RoPE work in the [B, T, H, dh] layout the projection wrote; q, k and v are
+        # transposed for attention after them: in the [B, H, T, dh] layout the fused backward of
+        # RoPE wrote the projection's gradient strided (3 ms of a 38 ms step on an H100)
+        q, k, v = q.view(b, t, self.h, self.dh), k.view(b, t, self.kv, self.dh), v.view(b, t, self.kv, self.dh)
         if self.cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm, 1e-6), rms_norm(k, self.k_norm, 1e-6)
         if self.cfg.rope:
             cos, sin = self.rope_cos[:t].to(q.dtype), self.rope_sin[:t].to(q.dtype)
-            if self.cfg.impl != "torch" and self.cfg.rope_fraction == 1.0:
-                q, k = run("rope", self.cfg.impl, q, k, cos, sin)
+            if self.cfg.impl != "torch" and self.cfg.rope_fraction == 1.0:   # Liger's: [B, H, T, dh]
+                q, k = run("rope", self.cfg.impl, q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
             else:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+                q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, v=None, v_first=None):
         b, t, _ = x.shape

@@ -177,6 +177,8 @@ class NGPTAttention(_Sphere):
         heads: int = param(doc="attention heads (head width d / heads)", min=1, max=4096)
         rope: bool = param(True, "rotary position embedding on q and k (before the norm)")
         rope_theta: float = param(10000.0, "RoPE base", min=1.0, max=1e9)
+        rope_fp32: bool = param(False, "rotate q and k in fp32; off (faster: 1.5% of the step on an "
+                                "H100) rotates them in the compute dtype, q and k are normalised in fp32 either way")
         qk_norm: bool = param(True, "normalise q and k per head (nGPT); off gives plain scores")
         sqk_init: float = param(1.0, "effective s_qk at init", min=0.0, max=1e3)
         sqk_scale: float | None = param(None, "stored value of s_qk (default 1/sqrt(d))", min=1e-9, max=1e3)
@@ -208,17 +210,23 @@ class NGPTAttention(_Sphere):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (z.view(b, t, self.h, self.dh).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        # q and k are rotated and normalised in the [B, T, H, dh] layout the projection wrote and
+        # transposed for attention only after: in the [B, H, T, dh] layout the fused backward of
+        # RoPE wrote the projection's gradient strided (3 ms of a 45 ms step on an H100)
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.dh).unbind(2)
+        cd = v.dtype
         if self.cfg.rope:
-            q, k = wide(q), wide(k)   # rotate and normalise in fp32: q.k are cosines here
-            cos, sin = self.rope_cos[:t].to(q.dtype), self.rope_sin[:t].to(q.dtype)
+            if self.cfg.rope_fp32:
+                q, k = wide(q), wide(k)
+            cos, sin = self.rope_cos[:t, None].to(q.dtype), self.rope_sin[:t, None].to(q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = 1.0 / math.sqrt(self.dh)
-        if self.cfg.qk_norm:
-            s = self.s_qk().view(self.h, 1, self.dh)
+        if self.cfg.qk_norm:   # in fp32 whatever the rotation's dtype: q.k are cosines here
+            s = self.s_qk().view(self.h, self.dh)
             q, k = s * unit(q), s * unit(k)
             scale = math.sqrt(self.dh)
-        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True, scale=scale)
+        q, k, v = (z.to(cd).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return self.proj(y.transpose(1, 2).reshape(b, t, self.d))
 
 
