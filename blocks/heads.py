@@ -48,6 +48,14 @@ class LMHead(Block):
                             f"({self.cfg.vocab}, {self.width}), it has {shape}")
         self.weight = w
 
+    def logit_weight(self) -> torch.Tensor:
+        """The [vocab, width] matrix the logits are x @ W.T of."""
+        return self.weight
+
+    def table(self) -> nn.Parameter:
+        """The parameter this head's weight is (its own, or the tied node's)."""
+        return self.weight
+
     def init_weights(self, gen):
         if not self.cfg.tie:
             normal_(self.weight, self.cfg.std, gen)
@@ -114,7 +122,8 @@ def _targets(ins, seq):
 class LinearCrossEntropy(LMHead):
     """LM head and cross-entropy in one, never holding the full logits (Liger's fused kernel, or
     a chunked twin that computes the gradients in the forward); `tie` shares an embedding's
-    table as with lm_head."""
+    table as with lm_head, or names the graph's LM head (lm_head, ngpt_head) to compute exactly
+    its logits' loss."""
 
     type_name, family = "linear_cross_entropy", "heads"
     example = ({"vocab": 50}, [hidden(16), tokens(50)])  # for the registry's smoke test
@@ -123,7 +132,7 @@ class LinearCrossEntropy(LMHead):
     @dataclass(frozen=True)
     class Config:
         vocab: int = param(doc="number of classes (rows of the weight)", min=1, max=1 << 24)
-        tie: str | None = param(None, "id of an embedding node whose table is shared", ref=True)
+        tie: str | None = param(None, "id of an embedding or LM head node whose weight is shared", ref=True)
         std: float = param(0.02, "init: N(0, std) (ignored when tied)", min=0.0, max=10.0)
         ignore_index: int = param(-1, "target id that contributes no loss", min=-(1 << 31), max=1 << 31)
         chunk: int = param(4096, "rows per chunk in the twin (its logits: chunk x vocab fp32)", min=1, max=1 << 24)
@@ -138,6 +147,25 @@ class LinearCrossEntropy(LMHead):
         _targets(ins, k.seq)
         return (LOSS,)
 
+    def bind(self, name, other):
+        super().bind(name, other)
+        # the weight stays the tied node's alone (no second state_dict key), and the loss uses the
+        # matrix that node multiplies by: an LM head's (itself tied or not), nGPT's table times s_z
+        del self.weight
+        self._tied = (other,)   # a tuple: not registered as a submodule
+
+    def logit_weight(self) -> torch.Tensor:
+        if not self.cfg.tie:
+            return self.weight
+        other = self._tied[0]
+        return other.logit_weight() if hasattr(other, "logit_weight") else other.weight
+
+    def table(self) -> nn.Parameter:
+        if not self.cfg.tie:
+            return self.weight
+        other = self._tied[0]
+        return other.table() if hasattr(other, "table") else other.weight
+
     def forward(self, x, targets):
-        return run("linear_cross_entropy", self.cfg.impl, x.reshape(-1, x.shape[-1]), self.weight,
+        return run("linear_cross_entropy", self.cfg.impl, x.reshape(-1, x.shape[-1]), self.logit_weight(),
                    targets.reshape(-1), self.cfg.ignore_index, self.cfg.chunk)

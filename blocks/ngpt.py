@@ -334,6 +334,10 @@ class NGPTHead(_Sphere):
         self.weight = nn.Parameter(torch.empty(cfg.vocab, self.d))
         self.s_z = ScaleVector(cfg.vocab, cfg.sz_init, cfg.sz_scale or 1.0 / math.sqrt(self.d))
 
-    def forward(self, x):
+    def logit_weight(self) -> torch.Tensor:
+        """E_out with each row v scaled by s_z,v (a linear_cross_entropy tied to this head uses it)."""
         # s_z scales the [vocab, d] rows, not the [B, T, vocab] logits: the same z, 1/(B T / d) the work
-        return F.linear(x, self.weight * self.s_z()[:, None])
+        return self.weight * self.s_z()[:, None]
+
+    def forward(self, x):
+        return F.linear(x, self.logit_weight())

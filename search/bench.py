@@ -70,12 +70,11 @@ def variant_sets(spec: str, size: str | None) -> list[str]:
         return sets
     g = graphs.load(ROOT / "graphs" / f"{name}.yaml", size, sets).resolve()
     nodes = g.data["nodes"]
-    if variant in ("flce", "chunked"):
-        head = nodes[nodes["loss"]["in"][0]]
-        tie = f", tie: {head['tie']}" if head.get("tie") else ""
+    if variant in ("flce", "chunked"):   # the fused loss shares the head's weight (tied or not)
+        head_id = nodes["loss"]["in"][0]
         impl = "liger" if variant == "flce" else "torch"
-        return sets + [f"nodes.loss={{type: linear_cross_entropy, in: [{head['in']}, targets], "
-                       f"vocab: vocab_size{tie}, impl: {impl}}}"]
+        return sets + [f"nodes.loss={{type: linear_cross_entropy, in: [{nodes[head_id]['in']}, targets], "
+                       f"vocab: vocab_size, tie: {head_id}, impl: {impl}}}"]
     if variant not in ("liger", "auto", "torch"):
         raise SystemExit(f"model {spec!r}: variant @{variant} is not one of liger, auto, torch, flce, chunked")
     out = []
@@ -200,10 +199,11 @@ def _first_step(r: Runner, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, twins=True) -> list[dict]:
+def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, twins=True,
+            together=False) -> list[dict]:
     rows, groups = [], {}
-    for name in names:  # variants of one graph are interleaved with it (and its twin)
-        groups.setdefault(base_name(name), []).append(name)
+    for name in names:  # variants of one graph are interleaved with it (and its twin); all at once with `together`
+        groups.setdefault("all" if together else base_name(name), []).append(name)
     for group in groups.values():
         for batch in batches:
             torch._dynamo.reset()
@@ -335,6 +335,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="gpt2", help="graph whose step time the others are divided "
                                                        "by (default gpt2; e.g. llama for hyper)")
     ap.add_argument("--no-twins", action="store_true", help="skip the hand-written references")
+    ap.add_argument("--together", action="store_true", help="interleave every model with every other "
+                    "(default: each graph with its own variants and twin)")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-start compile (new process)")
     ap.add_argument("--warm", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -351,7 +353,8 @@ def main(argv=None) -> int:
     peak_sheet = peak_flops(device)
     names = a.models.split(",")
     modes = ["none"] if compile_mode == "none" else compile_mode.split(",")
-    rows = measure(names, size, batches, a.steps, device, modes, peak_meas, peak_sheet, not a.no_twins)
+    rows = measure(names, size, batches, a.steps, device, modes, peak_meas, peak_sheet, not a.no_twins,
+                   a.together)
     warm = {}
     for row in rows:  # a new process on the same cache: the warm start a search trial sees
         if "graph" in row["model"] and modes != ["none"] and row["batch"] == batches[0] and not a.no_warm:

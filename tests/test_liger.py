@@ -141,9 +141,8 @@ def test_linear_cross_entropy_block_ties_and_matches_head_plus_loss():
          " chunk: 40}")])
     m0 = graphs.build(elaborate(base.resolve()), seed=0)
     m1 = graphs.build(elaborate(fused.resolve()), seed=0)
-    missing, unexpected = m1.load_state_dict(m0.state_dict(), strict=False)
-    assert set(missing) <= {"loss.weight"} and set(unexpected) <= {"head.weight"}
-    assert m1.loss.weight is m1.tok.weight
+    m1.load_state_dict(m0.state_dict())   # strict: the tied loss adds no key of its own
+    assert "loss.weight" not in m1.state_dict() and m1.loss.logit_weight() is m1.tok.weight
     x = torch.randint(0, 512, (2, 64))
     tg = x.roll(-1, 1)
     tg[:, :3] = -1
@@ -152,6 +151,39 @@ def test_linear_cross_entropy_block_ties_and_matches_head_plus_loss():
     loss0.backward()
     loss1.backward()
     torch.testing.assert_close(m1.tok.weight.grad, m0.tok.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("graph,sets", [("gpt2", []), ("llama", ["nodes.head.tie=null"]), ("ngpt", [])])
+def test_linear_cross_entropy_tied_to_the_head_is_that_heads_loss(graph, sets):
+    """`tie: head` fuses a graph's own head into its loss: GPT-2's head (itself tied to the
+    token table), Llama's untied head and nGPT's (its unit rows scaled by s_z) give the loss and
+    every gradient of head + cross-entropy, the state_dict unchanged (strict load both ways)."""
+    load = lambda extra: graphs.load(ROOT / "graphs" / f"{graph}.yaml", size="tiny",
+                                     sets=["vocab_size=512", *sets, *extra])
+    head_in = load([]).data["nodes"]["head"]["in"]
+    m0 = graphs.build(elaborate(load([]).resolve()), seed=0)
+    m1 = graphs.build(elaborate(load([f"nodes.loss={{type: linear_cross_entropy, in: [{head_in}, "
+                                      "targets], vocab: vocab_size, tie: head, chunk: 40}"]).resolve()), seed=1)
+    m1.load_state_dict(m0.state_dict())
+    m0.load_state_dict(m1.state_dict())
+    with torch.no_grad():   # s_z away from its init, so a loss that ignored it would differ
+        for m in (m0, m1):
+            if hasattr(m.head, "s_z"):
+                m.head.s_z.p.copy_(torch.linspace(0.5, 2.0, 512) * m.head.s_z.p)
+    x = torch.randint(0, 512, (2, 64))
+    tg = x.roll(-1, 1)
+    tg[:, :3] = -1
+    (_, loss0), (logits1, loss1) = m0(x, tg), m1(x, tg)
+    assert logits1 is None   # the head is skipped in training
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    loss0.backward()
+    loss1.backward()
+    grads0 = dict(m0.named_parameters())
+    for name, p in m1.named_parameters():
+        g0 = grads0[name].grad
+        assert (p.grad is None) == (g0 is None), name
+        if g0 is not None:
+            torch.testing.assert_close(p.grad, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item() + 1e-9)
 
 
 # ----- GPU: Liger against the twins

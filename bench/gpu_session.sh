@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements of one device call (`device` tool), by stage: bash bench/gpu_session.sh STAGE...
+# Installs the carried wheelhouse (.whl, from ../shared/tools/gpu-wheels.sh) once per machine and
+# writes each stage's table to $OUT/<stage>.md and its log to $OUT/<stage>.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ ! -d /tmp/site/optuna ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
+python3 -c "import torch, triton, liger_kernel; print('torch', torch.__version__, 'triton', triton.__version__)"
+git log -1 --format='git %h %s' 2>/dev/null | cut -c1-80
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  grep -E '^\||^[0-9]+ (passed|failed)|passed|failed|Error' "$OUT/$name.log" | grep -v '^E ' | tail -40
+  echo "== $name rc=$rc ($(date -u +%H:%M:%S))"
+}
+for s in "$@"; do
+  case $s in
+    main)   # issues 4 and 6: graphs vs hand-written, fused-loss variants, nGPT, all interleaved
+      stage main 560 python3 -m search.bench --together --compile regional --batch 16,32 \
+        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt,ngpt@chunked --write "$OUT/main.md" ;;
+    liger)  # issue 9: whole models with Liger vs the twin vs auto
+      stage liger 400 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
+        --models gpt2,gpt2@liger,gpt2@auto,llama,llama@liger,llama@auto --write "$OUT/liger.md" ;;
+    ops)    stage ops 200 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
+    hyper)  stage hyper 200 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
+              --baseline llama --models llama,hyper --together --write "$OUT/hyper.md" ;;
+    tests)  stage tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_attention.py ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
