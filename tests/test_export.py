@@ -135,6 +135,30 @@ def test_standalone_matches_playground_in_a_fresh_process(graph, sets, tmp_path)
     round_trip(graph, sets, tmp_path)
 
 
+FUSED = {"gpt2": ("nodes.loss={type: linear_cross_entropy, in: [ln_f, targets], vocab: vocab_size, tie: head}",),
+         "llama": ("nodes.head.tie=null",
+                   "nodes.loss={type: linear_cross_entropy, in: [norm, targets], vocab: vocab_size, tie: head}"),
+         "ngpt": ("nodes.loss={type: linear_cross_entropy, in: [layers, targets], vocab: vocab_size, tie: head}",)}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_a_fused_loss_tied_to_the_head_exports_as_head_plus_cross_entropy(name, tmp_path):
+    """The exported model computes the fused loss plainly (the tied head's logits, then
+    cross-entropy): logits and loss equal the playground's (nGPT's s_z included)."""
+    graph, sets = ROOT / "graphs" / f"{name}.yaml", FUSED[name]
+    src = round_trip(graph, sets, tmp_path)
+    assert "loss = F.cross_entropy(self.head(" in src
+    out = tmp_path / "export"
+    done = run_in(out, CHECK + "\ntorch.save(loss, 'loss_standalone.pt')\n")
+    assert done.returncode == 0, done.stderr[-3000:]
+    idx = torch.load(out / "idx.pt", weights_only=True)
+    plan = graphs.elaborate(graphs.load(graph, "tiny", list(sets)).resolve())
+    with torch.no_grad():
+        want = graphs.build(plan, seed=0).eval()(idx, idx)[1]
+    torch.testing.assert_close(torch.load(out / "loss_standalone.pt", weights_only=True), want,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_odd_node_names_outer_reads_and_differing_layers(tmp_path):
     graph = tmp_path / "odd.yaml"
     graph.write_text(ODD)

@@ -140,7 +140,10 @@ def match(plan: Plan, tpl: Template) -> Match | str:
         bind, why = u.match(tpl.group_in, g.input, bind)
     if bind is None:
         return why
-    extra = _extra(top, set(bind.values()), u.dropouts, allowed=("cross_entropy",))
+    head = top[bind["head"]]
+    same_loss = {s.id for s in top.values() if s.block.type_name == "linear_cross_entropy"
+                 and s.cfg.tie is not None and s.cfg.tie in (head.id, head.cfg.tie)}   # HF's own loss
+    extra = _extra(top, set(bind.values()) | same_loss, u.dropouts, allowed=("cross_entropy",))
     layers = []
     for i, steps in enumerate(g.layers):
         steps = {s.id: s for s in steps}

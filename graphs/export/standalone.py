@@ -77,7 +77,7 @@ def _line(step: Step, plan: Plan, where: str, indent: int) -> list[str]:
     """`attn = self.attn(ln_1)  # h.attn: attention`, or an inline expression."""
     t = template(step)
     ins = [var(r, plan) for r in step.ins]
-    rhs = t.inline(step, ins) if t.inline else f"self.{step.id}({', '.join(ins)})"
+    rhs = t.inline(step, ins, plan) if t.inline else f"self.{step.id}({', '.join(ins)})"
     outs = ", ".join(var(Ref(step.id, p), plan) for p in range(len(step.out_kinds)))
     return statement(f"{outs} = {rhs}", f"{where}{step.id}: {step.block.type_name}", indent)
 
@@ -123,7 +123,7 @@ def ties(plan: Plan) -> dict[str, str]:
     out = {}
     for g, _, s in plan.steps():
         target = getattr(s.cfg, "tie", None)
-        if target is not None:
+        if target is not None and s.block.type_name != "linear_cross_entropy":   # it holds no weight
             if s.block.type_name != "lm_head" or g is not None:
                 raise ExportError(f"node '{s.id}': only a top-level lm_head can be tied in the "
                                   "standalone format")

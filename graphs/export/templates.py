@@ -21,7 +21,7 @@ from graphs.export import ExportError, parts
 class Template:
     cls: str | None = None                           # class in `parts`; None = inline expression
     args: Callable[[Step], dict] | None = None       # constructor keywords, as plain values
-    inline: Callable[[Step, list[str]], str] | None = None
+    inline: Callable[[Step, list[str], object], str] | None = None   # (step, input vars, plan)
     needs: tuple[str, ...] = field(default=())       # helpers from `parts` the class uses
 
 
@@ -52,19 +52,36 @@ def _ngpt_attention(s: Step) -> dict:
                 sqk_init=c.sqk_init, sqk_scale=_inv_sqrt(s, c.sqk_scale), seq_len=s.ctx.seq_len)
 
 
-def _dropout(s: Step, ins: list[str]) -> str:
+def _dropout(s: Step, ins: list[str], plan=None) -> str:
     return f"F.dropout({ins[0]}, {s.cfg.p!r}, self.training)" if s.cfg.p else ins[0]
 
 
-def _cross_entropy(s: Step, ins: list[str]) -> str:
+def _cross_entropy(s: Step, ins: list[str], plan=None) -> str:
     lg, tg = ins
     return f"F.cross_entropy({lg}.float().flatten(0, 1), {tg}.flatten(), ignore_index={s.cfg.ignore_index})"
 
 
+HEADS = ("lm_head", "ngpt_head")   # what a linear_cross_entropy may tie to besides a table
+
+
+def _linear_cross_entropy(s: Step, ins: list[str], plan) -> str:
+    """The fused loss written plainly: the tied head's logits (or x times the tied table), then
+    cross-entropy; exported models compute logits anyway, so nothing is gained by fusing there."""
+    x, tg = ins
+    if s.cfg.tie is None:
+        raise ExportError(f"linear_cross_entropy '{s.id}' has a weight of its own; the standalone "
+                          "format writes it only tied (tie: the LM head or the token table)")
+    target = next(t for g, _, t in plan.steps() if g is None and t.id == s.cfg.tie)
+    lg = (f"self.{target.id}({x})" if target.block.type_name in HEADS
+          else f"F.linear({x}, self.{target.id}.weight)")
+    return _cross_entropy(s, [lg, tg])
+
+
 TEMPLATES: dict[str, Template] = {
-    "add": Template(inline=lambda s, ins: " + ".join(ins)),
+    "add": Template(inline=lambda s, ins, plan=None: " + ".join(ins)),
     "dropout": Template(inline=_dropout),
     "cross_entropy": Template(inline=_cross_entropy),
+    "linear_cross_entropy": Template(inline=_linear_cross_entropy),
     "embedding": Template("Embedding", lambda s: dict(vocab=s.cfg.vocab, dim=s.cfg.dim)),
     "position_embedding": Template("PositionEmbedding",
                                    lambda s: dict(max_seq=s.cfg.max_seq, dim=s.cfg.dim)),
