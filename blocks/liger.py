@@ -113,10 +113,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
             total = total + torch.where(vc, lse - lg.gather(1, tc[:, None])[:, 0], 0.0).sum()
             if gx is None and gw is None:
                 continue
-            # softmax minus the one-hot of the target, as one pointwise expression (Inductor
-            # writes it once, in the compute dtype; no fp32 [chunk, V] copy is kept)
-            g = torch.exp(lg - lse[:, None]) - (cols[None, :] == tc[:, None]).to(acc)
-            g = (g * vc[:, None]).to(cd)
+            if torch.compiler.is_compiling():
+                # softmax minus the one-hot of the target, as one pointwise expression (Inductor
+                # writes it once, in the compute dtype; no fp32 [chunk, V] copy is kept)
+                g = torch.exp(lg - lse[:, None]) - (cols[None, :] == tc[:, None]).to(acc)
+                g = (g * vc[:, None]).to(cd)
+            else:   # eagerly that is five passes over [chunk, V]; one softmax and an in-place pick
+                g = torch.softmax(lg, dim=-1)
+                g[torch.arange(len(tc), device=x.device), tc] -= 1.0
+                g = g.mul_(vc[:, None]).to(cd)
             if gx is not None:
                 gx[i:i + chunk] = g @ w
             if gw is not None:
