@@ -21,15 +21,19 @@ stage() {  # name, seconds, command...
 for s in "$@"; do
   case $s in
     main)   # issues 4 and 6: graphs vs hand-written, fused-loss variants, nGPT, all interleaved
-      stage main 560 python3 -m search.bench --together --compile regional --batch 16,32 \
-        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt,ngpt@chunked --write "$OUT/main.md" ;;
+      stage main 330 python3 -m search.bench --together --compile regional --batch 16,32 \
+        --models gpt2,gpt2@chunked,llama,llama@chunked --write "$OUT/main.md" ;;
+    ngpt)   # issue 6: nGPT against the gpt2 graph, each with and without the fused loss
+      stage ngpt 230 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
+        --models gpt2,gpt2@chunked,ngpt,ngpt@chunked --write "$OUT/ngpt.md" ;;
     liger)  # issue 9: whole models with Liger vs the twin vs auto
-      stage liger 400 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
+      stage liger 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
         --models gpt2,gpt2@liger,gpt2@auto,llama,llama@liger,llama@auto --write "$OUT/liger.md" ;;
-    ops)    stage ops 200 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
+    ops)    stage ops 120 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
     hyper)  stage hyper 200 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
               --baseline llama --models llama,hyper --together --write "$OUT/hyper.md" ;;
-    tests)  stage tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_attention.py ;;
+    tests)  stage tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_attention.py ;;
+    profile) stage profile 200 python3 -m bench.profile_step gpt2 ngpt --batch 16 --top 30 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
