@@ -33,6 +33,12 @@ for s in "$@"; do
     hyper)  stage hyper 200 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
               --baseline llama --models llama,hyper --together --write "$OUT/hyper.md" ;;
     tests)  stage tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_attention.py ;;
+    one)    # everything one call can hold: issues 4, 6 and 9 in two interleaved processes, then the chunked loss's memory test
+      stage one 330 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
+        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt,ngpt@chunked --write "$OUT/one.md"
+      stage two 170 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
+        --models gpt2,gpt2@liger,llama,llama@auto,llama@liger --write "$OUT/two.md"
+      stage memtest 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py -k "memory or tied" ;;
     profile) stage profile 200 python3 -m bench.profile_step gpt2 ngpt --batch 16 --top 30 ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -338,6 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--together", action="store_true", help="interleave every model with every other "
                     "(default: each graph with its own variants and twin)")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-start compile (new process)")
+    ap.add_argument("--warm-only", help="comma list of models whose warm start is timed (default: every graph)")
     ap.add_argument("--warm", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,7 +358,8 @@ def main(argv=None) -> int:
                    a.together)
     warm = {}
     for row in rows:  # a new process on the same cache: the warm start a search trial sees
-        if "graph" in row["model"] and modes != ["none"] and row["batch"] == batches[0] and not a.no_warm:
+        chosen = a.warm_only is None or row["model"].split()[0] in a.warm_only.split(",")
+        if "graph" in row["model"] and modes != ["none"] and row["batch"] == batches[0] and not a.no_warm and chosen:
             mode = row["model"].split("(")[1].rstrip(")")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = row["cache_dir"]
             warm[(row["model"], row["batch"])] = warm_compile(row["model"].split()[0], size, row["batch"],
