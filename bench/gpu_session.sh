@@ -15,7 +15,7 @@ stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date -u +%H:%M:%S))"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  grep -E '^\||^[0-9]+ (passed|failed)|passed|failed|Error' "$OUT/$name.log" | grep -v '^E ' | tail -40
+  grep -E '^\||^row |^[0-9]+ (passed|failed)|passed|failed|Error' "$OUT/$name.log" | grep -v '^E ' | tail -40
   echo "== $name rc=$rc ($(date -u +%H:%M:%S))"
 }
 for s in "$@"; do
@@ -39,6 +39,9 @@ for s in "$@"; do
       stage two 170 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
         --models gpt2,gpt2@liger,llama,llama@auto,llama@liger --write "$OUT/two.md"
       stage memtest 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py -k "memory or tied" ;;
+    lite)   # issues 4 and 6 in the least device time: one interleaved process
+      stage lite 420 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
+        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt --write "$OUT/lite.md" ;;
     profile) stage profile 200 python3 -m bench.profile_step gpt2 ngpt --batch 16 --top 30 ;;
     *) echo "unknown stage $s" ;;
   esac

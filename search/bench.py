@@ -234,6 +234,8 @@ def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, t
                              "compile_s": r.compile_s, "recompiles": recompiles[r.label], "loss_check": loss,
                              "steps": len(times[r.label]), "peak_gib": peaks.get(r.label),
                              "cache_dir": getattr(r, "cache_dir", None)})
+            for row in rows[-len(runners):]:   # as it goes: a run cut off at its time limit keeps these
+                print("row " + json.dumps({k: v for k, v in row.items() if k != "cache_dir"}, default=str), flush=True)
             del runners
             gc.collect()
             if device.type == "cuda":
