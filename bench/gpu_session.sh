@@ -42,6 +42,9 @@ for s in "$@"; do
     lite)   # issues 4 and 6 in the least device time: one interleaved process
       stage lite 420 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
         --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt --write "$OUT/lite.md" ;;
+    min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
+      stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
+        --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
     profile) stage profile 200 python3 -m bench.profile_step gpt2 ngpt --batch 16 --top 30 ;;
     *) echo "unknown stage $s" ;;
   esac
