@@ -52,10 +52,6 @@ class LMHead(Block):
         """The [vocab, width] matrix the logits are x @ W.T of."""
         return self.weight
 
-    def table(self) -> nn.Parameter:
-        """The parameter this head's weight is (its own, or the tied node's)."""
-        return self.weight
-
     def init_weights(self, gen):
         if not self.cfg.tie:
             normal_(self.weight, self.cfg.std, gen)
@@ -159,12 +155,6 @@ class LinearCrossEntropy(LMHead):
             return self.weight
         other = self._tied[0]
         return other.logit_weight() if hasattr(other, "logit_weight") else other.weight
-
-    def table(self) -> nn.Parameter:
-        if not self.cfg.tie:
-            return self.weight
-        other = self._tied[0]
-        return other.table() if hasattr(other, "table") else other.weight
 
     def forward(self, x, targets):
         return run("linear_cross_entropy", self.cfg.impl, x.reshape(-1, x.shape[-1]), self.logit_weight(),

@@ -222,7 +222,7 @@ class GraphModel(nn.Module):
         """Unique parameters; non_embedding leaves out lookup tables unless tied to a head."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            tied = {id(m.table()) for _, m in self.blocks() if getattr(m.cfg, "tie", None)}
+            tied = {id(getattr(self, m.cfg.tie).weight) for _, m in self.blocks() if getattr(m.cfg, "tie", None)}
             for _, m in self.blocks():
                 if m.lookup_table and id(m.weight) not in tied:
                     total -= m.weight.numel()
