@@ -20,15 +20,6 @@ stage() {  # name, seconds, command...
 }
 for s in "$@"; do
   case $s in
-    main)   # issues 4 and 6: graphs vs hand-written, fused-loss variants, nGPT, all interleaved
-      stage main 330 python3 -m search.bench --together --compile regional --batch 16,32 \
-        --models gpt2,gpt2@chunked,llama,llama@chunked --write "$OUT/main.md" ;;
-    ngpt)   # issue 6: nGPT against the gpt2 graph, each with and without the fused loss
-      stage ngpt 230 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
-        --models gpt2,gpt2@chunked,ngpt,ngpt@chunked --write "$OUT/ngpt.md" ;;
-    liger)  # issue 9: whole models with Liger vs the twin vs auto
-      stage liger 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
-        --models gpt2,gpt2@liger,gpt2@auto,llama,llama@liger,llama@auto --write "$OUT/liger.md" ;;
     ops)    stage ops 120 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
     hyper)  stage hyper 200 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
               --baseline llama --models llama,hyper --together --write "$OUT/hyper.md" ;;
@@ -39,9 +30,6 @@ for s in "$@"; do
       stage two 170 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
         --models gpt2,gpt2@liger,llama,llama@auto,llama@liger --write "$OUT/two.md"
       stage memtest 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py -k "memory or tied" ;;
-    lite)   # issues 4 and 6 in the least device time: one interleaved process
-      stage lite 420 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
-        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt --write "$OUT/lite.md" ;;
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
