@@ -33,7 +33,7 @@ for s in "$@"; do
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
-    profile) stage profile 200 python3 -m bench.profile_step gpt2 ngpt --batch 16 --top 30 ;;
+    profile) stage profile 240 python3 -m bench.profile_step gpt2 ngpt hyper --batch 16 --top 30 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

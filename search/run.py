@@ -76,6 +76,41 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
         # once finished), which its pop expects
         return super().set_trial_state_values(trial_id, state, values)
 
+    def heartbeats(self, study_id: int) -> dict:
+        """trial id -> last heartbeat (the database's clock) of the study's running trials."""
+        from optuna.storages._rdb import models
+        session = self.scoped_session()
+        try:
+            rows = session.query(models.TrialModel.trial_id, models.TrialHeartbeatModel.heartbeat) \
+                .join(models.TrialHeartbeatModel,
+                      models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id) \
+                .filter(models.TrialModel.study_id == study_id,
+                        models.TrialModel.state == TrialState.RUNNING).all()
+            return dict(rows)
+        finally:
+            session.close()
+
+
+def settle_dead_trials(study) -> None:
+    """Fail the running trials of workers that died. Optuna fails a stale trial only when a
+    worker begins its next trial, so a command re-run right after a `kill -9` whose budget was
+    then spent (a running trial's wall time counts in it) ended with the killed trial still
+    RUNNING, for good. This watches the running trials' heartbeats: one that beats again belongs
+    to a live worker and is left to it; a silent one is waited for until its grace period ends,
+    then failed (and re-enqueued by the retry callback)."""
+    storage = getattr(study._storage, "_backend", study._storage)   # under Optuna's cache
+    if not isinstance(storage, QueueSafeRDBStorage) or not storage.heartbeat_interval:
+        return
+    first = storage.heartbeats(study._study_id)
+    # + 1 s: SQLite's clock counts whole seconds, so a beat may only show a second later
+    deadline = time.monotonic() + storage.grace_period + storage.heartbeat_interval + 1
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        silent = [t for t, beat in storage.heartbeats(study._study_id).items() if first.get(t) == beat]
+        if not silent or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
 
 def storage(cfg: StudyConfig):
     import optuna.storages as st
@@ -313,6 +348,7 @@ def main(argv=None) -> int:
         dead = _spawn_workers(cfg)
     else:
         worker(cfg, 0, fams, study)
+    settle_dead_trials(study)
     if cfg.seeds:
         report.reseed(cfg, study)
     print(report.summary(cfg, study))

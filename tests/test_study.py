@@ -145,3 +145,40 @@ def test_trial_bytes_replace_the_trial_time():
     assert cfg.trial_bytes == 20_000 and cfg.trial_budget_s is None and cfg.trial_tokens is None
     both = parse_args([GPT2, "--trial-bytes", "20K", "--trial-budget", "30s"])   # whichever ends first
     assert both.trial_bytes == 20_000 and both.trial_budget_s == 30
+
+
+def test_a_dead_workers_trial_is_failed_when_the_command_ends_and_a_live_ones_is_left(tmp_path):
+    """A command re-run right after a kill -9 may end (its budget spent) before the killed trial's
+    heartbeat is past the grace period; it waits for that trial and fails it. A trial whose worker
+    still beats is another command's, alive: it stays RUNNING and is not waited for."""
+    import threading
+    import time
+
+    from search.run import settle_dead_trials, storage
+    cfg = StudyConfig(files=[], study="s", storage=f"sqlite:///{tmp_path}/o.db", heartbeat_s=1)
+    study = optuna.create_study(study_name="s", storage=storage(cfg))
+    dead, live = study.ask(), study.ask()
+    st = study._storage
+    st.record_heartbeat(dead._trial_id)            # its worker is killed right after this beat
+    alive = threading.Event()
+
+    def beat():
+        while not alive.is_set():
+            st.record_heartbeat(live._trial_id)
+            time.sleep(0.25)
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        settle_dead_trials(study)
+        waited = time.monotonic() - t0
+        states = {tr.number: tr.state.name for tr in study.get_trials()}
+        assert states[dead.number] == "FAIL" and states[live.number] == "RUNNING", states
+        assert waited < 3 + 2.5 + 1, waited             # its grace period and a late beat, no more
+        alive.set()                                     # the other worker dies too
+        t.join()
+        settle_dead_trials(study)
+        assert {tr.number: tr.state.name for tr in study.get_trials()}[live.number] == "FAIL"
+    finally:
+        alive.set()
+        t.join()
