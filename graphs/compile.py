@@ -83,6 +83,7 @@ def _compile(model: GraphModel, mode: str, options: dict) -> nn.Module:
         return torch.compile(model, **options)
     if mode == "nested":
         return _nested(model, groups, options)
+    allow_entries(regional_entries(model))
     for group in groups:
         for layer in group:
             layer.compile(**options)
@@ -90,3 +91,22 @@ def _compile(model: GraphModel, mode: str, options: dict) -> nn.Module:
         if kind == "steps":
             model.segment_fns[i] = torch.compile(model._run_steps, **options)
     return model
+
+
+def regional_entries(model: GraphModel) -> int:
+    """Dynamo cache entries a regional compile of `model` may take: two per layer, for training
+    and evaluation (grad on and off; layers whose bodies differ, e.g. a window per layer, each
+    trace anew), and four per run of steps (also with and without targets)."""
+    layers = sum(len(m) for m in model.children() if isinstance(m, nn.ModuleList))
+    steps = sum(kind == "steps" for kind, _ in model.segments())
+    return 2 * layers + 4 * steps
+
+
+def allow_entries(n: int) -> None:
+    """Raise Dynamo's per-code recompile limit to at least `n` (never lower it). Every layer of
+    every regionally compiled model shares `Layer`'s code and every region `_run_steps`' code,
+    and Dynamo counts entries per code object: past the limit (8) it runs the rest eagerly with
+    one warning. Seen: a 10-layer graph with a window per layer ran its last layers eagerly, and
+    the seventh graph model compiled in one bench process ran its head and loss eagerly."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, n)

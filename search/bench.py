@@ -201,6 +201,8 @@ def _first_step(r: Runner, device) -> float:
 
 def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, twins=True,
             together=False) -> list[dict]:
+    from graphs.build import GraphModel
+    from graphs.compile import allow_entries, regional_entries
     rows, groups = [], {}
     for name in names:  # variants of one graph are interleaved with it (and its twin); all at once with `together`
         groups.setdefault("all" if together else base_name(name), []).append(name)
@@ -214,6 +216,10 @@ def measure(names, size, batches, steps, device, modes, peak_meas, peak_sheet, t
                     r.fpt = fpt
                 runners += more
                 loss = loss if la is None else la
+            # the models of one process share Dynamo's per-code entries (graphs/compile.py): room
+            # for all of them, and a hard error rather than a model timed with eager regions
+            allow_entries(sum(regional_entries(r.model) for r in runners if isinstance(r.model, GraphModel)))
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
             for r in runners:
                 r.compile_s = _first_step(r, device)
                 r.timed(3)

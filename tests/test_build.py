@@ -10,7 +10,7 @@ import graphs
 from graphs.check import check_file
 from graphs.compile import compile_model
 
-from conftest import GRAPHS, SKETCHES
+from conftest import GRAPHS, ROOT, SKETCHES
 
 BASE = """
 name: t
@@ -180,6 +180,24 @@ def test_compiled_model_matches_eager(mode):
     torch.testing.assert_close(l1, l2)
     loss2.backward()
     assert model.tok.weight.grad is not None
+
+
+def test_regional_compile_of_ten_unlike_layers_never_falls_back_to_eager(monkeypatch):
+    """Layers whose bodies differ (a window per layer) each take a Dynamo entry of the code all
+    layers share; past Dynamo's default limit of 8 the rest would silently run eagerly."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny",
+                    sets=["n_layer=10", "nodes.layers.body.attn.window=seq_len // 2 + layer"])
+    model = graphs.build(graphs.elaborate(g.resolve()), seed=0)
+    compiled = compile_model(model, "regional", backend="aot_eager")
+    idx = torch.randint(0, 64, (2, 16))
+    compiled(idx, idx)[1].backward()        # training: ten layers traced apart
+    with torch.no_grad():
+        compiled(idx, idx)                  # evaluation: ten more, and the regions again
+        compiled(idx)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("path", GRAPHS + SKETCHES, ids=lambda p: p.stem)
