@@ -262,8 +262,11 @@ class NGPTMLP(_Sphere):
     def forward(self, x):
         # As in the reference, sqrt(d) multiplies both halves; on u it is a global scale of h_M,
         # which Norm(h_M) in the residual removes, so this equals the paper's nu-only factor.
-        h = self.fc(x)   # the scale joins h's dtype: an fp32 copy of [B, T, 2 hidden] doubles the MLP's memory
-        u, nu = (h * (self.s_uv() * math.sqrt(self.d)).to(h.dtype)).chunk(2, dim=-1)
+        # The scales multiply the [2 hidden, d] rows of W, not the [B, T, 2 hidden] activations:
+        # the same u and nu for 1/(B T / d) of the work, and s_uv's gradient is a reduction over
+        # the weight's gradient instead of over every token (1.1 ms of a 42.5 ms H100 step)
+        w = self.fc.weight * (self.s_uv() * math.sqrt(self.d))[:, None]
+        u, nu = F.linear(x, w).chunk(2, dim=-1)
         return self.proj(u * F.silu(nu))
 
 
