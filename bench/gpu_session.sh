@@ -26,10 +26,13 @@ for s in "$@"; do
     tests)  stage tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_attention.py ;;
     one)    # everything one call can hold: issues 4, 6 and 9 in two interleaved processes, then the chunked loss's memory test
       stage one 330 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
-        --models gpt2,gpt2@chunked,llama,llama@chunked,ngpt,ngpt@chunked --write "$OUT/one.md"
+        --models gpt2,gpt2@ce,llama,llama@ce,ngpt,ngpt@chunked --write "$OUT/one.md"
       stage two 170 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
         --models gpt2,gpt2@liger,llama,llama@auto,llama@liger --write "$OUT/two.md"
       stage memtest 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py -k "memory or tied" ;;
+    final)  # issues 4 and 6: the graphs (fused loss by default) against their twins and their head + CE form, and nGPT
+      stage final 300 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
+        --models gpt2,gpt2@ce,llama,llama@ce,ngpt --write "$OUT/final.md" ;;
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;

@@ -1,6 +1,6 @@
 """`python -m bench.profile_step MODEL [MODEL...] [--batch 16] [--top 25]`: where a compiled
 training step's GPU time goes, kernel by kernel (torch.profiler over 3 steps after warm-up).
-MODEL as in `python -m search.bench --models` (e.g. ngpt, gpt2@chunked). GPU only."""
+MODEL as in `python -m search.bench --models` (e.g. ngpt, gpt2@ce). GPU only."""
 from __future__ import annotations
 
 import argparse

@@ -61,8 +61,8 @@ def base_name(spec: str) -> str:
 def variant_sets(spec: str, size: str | None) -> list[str]:
     """`--set`s of a model spec `NAME[+SET...][@VARIANT]`: each SET as in `search.train --set`
     (`hyper+hc=mhc`); VARIANT `liger`/`auto`/`torch` puts that impl on every node with an `impl`
-    field, `flce` (Liger) or `chunked` (the compiled chunked twin) replaces head + loss by the fused
-    linear cross-entropy block."""
+    field, `flce` (Liger) or `chunked` (the compiled chunked twin) makes the loss the fused linear
+    cross-entropy block tied to the head, `ce` makes it the head's logits and cross-entropy."""
     import graphs
     name, _, variant = spec.partition("@")
     name, *sets = name.split("+")
@@ -70,13 +70,17 @@ def variant_sets(spec: str, size: str | None) -> list[str]:
         return sets
     g = graphs.load(ROOT / "graphs" / f"{name}.yaml", size, sets).resolve()
     nodes = g.data["nodes"]
+    loss = nodes["loss"]
+    fused = loss["type"] == "linear_cross_entropy"
+    head_id = loss["tie"] if fused else loss["in"][0]
     if variant in ("flce", "chunked"):   # the fused loss shares the head's weight (tied or not)
-        head_id = nodes["loss"]["in"][0]
-        impl = "liger" if variant == "flce" else "torch"
         return sets + [f"nodes.loss={{type: linear_cross_entropy, in: [{nodes[head_id]['in']}, targets], "
-                       f"vocab: vocab_size, tie: {head_id}, impl: {impl}}}"]
+                       f"vocab: vocab_size, tie: {head_id}, impl: {'liger' if variant == 'flce' else 'torch'}}}"]
+    if variant == "ce":
+        return sets + [f"nodes.loss={{type: cross_entropy, in: [{head_id}, targets]}}"]
     if variant not in ("liger", "auto", "torch"):
-        raise SystemExit(f"model {spec!r}: variant @{variant} is not one of liger, auto, torch, flce, chunked")
+        raise SystemExit(f"model {spec!r}: variant @{variant} is not one of liger, auto, torch, flce, "
+                         f"chunked, ce")
     out = []
 
     def takes_impl(node: dict) -> bool:
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(sorted(p.stem for p in (ROOT / "graphs").glob("*.yaml"))),
                     help="graphs/NAME.yaml to time (default: all; gpt2 and llama also run their "
                          "hand-written twins); NAME+SET+...@VARIANT for a variant, e.g. "
-                         "hyper+hc=mhc, llama@liger, llama@auto, llama@flce, llama@chunked")
+                         "hyper+hc=mhc, llama@liger, llama@auto, llama@flce, llama@ce, ngpt@chunked")
     ap.add_argument("--size", help="graph size (default: tiny on CPU, the real size on GPU)")
     ap.add_argument("--batch", default=None, help="comma list (default 16,32 on GPU, 2 on CPU)")
     ap.add_argument("--steps", type=int, default=20)

@@ -86,3 +86,11 @@ def default_study(tmp_path_factory) -> DefaultStudy:
     out = subprocess.run([sys.executable, "-m", "search.run"], cwd=tmp, env=env, capture_output=True,
                          text=True, timeout=900)
     return DefaultStudy(tmp, out.returncode, out.stdout, out.stderr, time.time() - t0)
+
+
+def logits_and_loss(model, idx, targets):
+    """A graph model's logits and loss on the same tokens. With a fused loss (linear_cross_entropy,
+    the default of gpt2.yaml, llama.yaml and hyper.yaml) forward returns no logits when it is given
+    targets; they then come from a second call without them."""
+    logits, loss = model(idx, targets)
+    return (model(idx)[0] if logits is None else logits), loss

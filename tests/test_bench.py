@@ -21,7 +21,8 @@ def test_hand_written_references_load_the_graph_weights_and_agree():
         from bench.reference import load_from_graph
         load_from_graph(ref, gm)
         idx = torch.randint(0, 50257, (2, plan.seq_len))
-        torch.testing.assert_close(gm(idx, idx)[0], ref(idx, idx)[0])
+        torch.testing.assert_close(gm(idx)[0], ref(idx)[0])                    # the logits
+        torch.testing.assert_close(gm(idx, idx)[1], ref(idx, idx)[1])          # the (fused) loss
 
 
 def test_a_graph_is_timed_against_the_chosen_baseline_without_twins(capsys):

@@ -15,7 +15,7 @@ from blocks.kinds import hidden, streams
 from blocks.registry import Context
 from graphs.errors import GraphError
 
-from conftest import ROOT
+from conftest import ROOT, logits_and_loss
 
 HYPER, LLAMA = ROOT / "graphs" / "hyper.yaml", ROOT / "graphs" / "llama.yaml"
 V, D, L, H, T, B = 97, 32, 3, 4, 16, 2
@@ -59,7 +59,7 @@ def test_at_init_logits_and_block_gradients_equal_pre_norm_fp64(mode, n, frac):
     hc = hyper(mode, n, frac, sets, torch.float64)
     pre = pre_norm_twin(hc, sets, torch.float64)
     idx, tgt = batch()
-    (la, loss_a), (lb, loss_b) = hc(idx, tgt), pre(idx, tgt)
+    (la, loss_a), (lb, loss_b) = logits_and_loss(hc, idx, tgt), logits_and_loss(pre, idx, tgt)
     tol = dict(rtol=1e-5, atol=1e-6) if mode == "mhc" else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(la, lb, **tol)
     (loss_a + 0.1 * la.pow(2).mean()).backward()
@@ -76,7 +76,7 @@ def test_one_stream_with_unit_connections_is_pre_norm_exactly(mode, frac):
     hc = hyper(mode, n=1, frac=frac)
     pre = pre_norm_twin(hc)
     idx, tgt = batch(1)
-    (la, loss_a), (lb, loss_b) = hc(idx, tgt), pre(idx, tgt)
+    (la, loss_a), (lb, loss_b) = logits_and_loss(hc, idx, tgt), logits_and_loss(pre, idx, tgt)
     assert torch.equal(la, lb) and torch.equal(loss_a, loss_b)
 
 
@@ -404,7 +404,7 @@ def test_mhc_with_impl_auto_on_cpu_is_the_twin_exactly():
     perturb(m, std=0.1)
     twin.load_state_dict(m.state_dict())   # the backends share every parameter name
     idx, tgt = batch(3)
-    (la, loss_a), (lb, loss_b) = m(idx, tgt), twin(idx, tgt)
+    (la, loss_a), (lb, loss_b) = logits_and_loss(m, idx, tgt), logits_and_loss(twin, idx, tgt)
     assert torch.equal(la, lb) and torch.equal(loss_a, loss_b)
 
 
