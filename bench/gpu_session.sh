@@ -31,8 +31,11 @@ for s in "$@"; do
         --models gpt2,gpt2@liger,llama,llama@auto,llama@liger --write "$OUT/two.md"
       stage memtest 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py -k "memory or tied" ;;
     final)  # issues 4 and 6: the graphs (fused loss by default) against their twins and their head + CE form, and nGPT
-      stage final 300 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \
+      stage final 290 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2 \
         --models gpt2,gpt2@ce,llama,llama@ce,ngpt --write "$OUT/final.md" ;;
+    ngpt)   # issue 6 alone: nGPT against the gpt2 graph, each loss form
+      stage ngpt 200 python3 -m search.bench --together --compile regional --batch 16,32 --no-twins --no-warm \
+        --models gpt2,gpt2@ce,ngpt,ngpt@chunked --write "$OUT/ngpt.md" ;;
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
