@@ -9,7 +9,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from graphs.compile import compile_model
-from search.bench import Runner, graph_model
+from search.bench import Runner
+from search.bench_models import graph_model
 
 
 def profile_model(spec: str, batch: int, top: int) -> None:

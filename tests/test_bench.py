@@ -2,7 +2,7 @@
 nothing here); it checks that graph and hand-written models compute the same loss."""
 from __future__ import annotations
 
-from search import bench
+from search import bench, bench_models
 
 
 def test_bench_runs_at_tiny_size_and_reports_both_models(capsys):
@@ -16,8 +16,8 @@ def test_bench_runs_at_tiny_size_and_reports_both_models(capsys):
 def test_hand_written_references_load_the_graph_weights_and_agree():
     import torch
     for name in ("gpt2", "llama"):
-        plan, gm = bench.graph_model(name, "tiny", "cpu")
-        ref = bench.reference_model(name, plan, "cpu")
+        plan, gm = bench_models.graph_model(name, "tiny", "cpu")
+        ref = bench_models.reference_model(name, plan, "cpu")
         from bench.reference import load_from_graph
         load_from_graph(ref, gm)
         idx = torch.randint(0, 50257, (2, plan.seq_len))

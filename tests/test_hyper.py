@@ -426,7 +426,7 @@ def test_where_liger_cannot_take_the_streams_auto_runs_the_twin_and_liger_refuse
 
 
 def test_bench_variant_liger_puts_the_liger_mhc_on_mhc_connections_only():
-    from search.bench import variant_sets
+    from search.bench_models import variant_sets
     sets = variant_sets("hyper+hc=mhc@liger", "tiny")
     assert {f"nodes.layers.body.{n}.impl=liger" for n in ("a_read", "a_write", "m_read", "m_write")} <= set(sets)
     dyn = variant_sets("hyper@liger", "tiny")   # dynamic connections have no Liger op

@@ -403,7 +403,7 @@ def test_a_compiled_auto_model_runs_the_twin_in_its_regions(monkeypatch, mode):
     """An eager llama@auto benchmarks each of its ops; compiled, the same model benchmarks none of
     them (they all run inside regions: the twin, unbenchmarked) and gives the eager loss."""
     from graphs.compile import compile_model
-    from search.bench import variant_sets
+    from search.bench_models import variant_sets
     calls = []
 
     def fake_benchmark(op, args, compiled=False):
@@ -440,7 +440,7 @@ def test_a_compiled_model_benchmarks_only_ops_that_run_outside_its_regions(monke
     """While a compiled model decides (and while it is traced), fused linear cross-entropy, whose
     Liger kernel runs outside the regions, is benchmarked against the compiled twin once; any
     other op takes the twin without a benchmark. Only a model with such a node decides at all."""
-    from search.bench import variant_sets
+    from search.bench_models import variant_sets
     calls = []
 
     def fake_benchmark(op, args, compiled=False):
