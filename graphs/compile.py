@@ -107,6 +107,6 @@ def allow_entries(n: int) -> None:
     every regionally compiled model shares `Layer`'s code and every region `_run_steps`' code,
     and Dynamo counts entries per code object: past the limit (8) it runs the rest eagerly with
     one warning. Seen: a 10-layer graph with a window per layer ran its last layers eagerly, and
-    the seventh graph model compiled in one bench process ran its head and loss eagerly."""
+    the fifth and sixth graph models compiled in one bench process ran their head and loss eagerly."""
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, n)
