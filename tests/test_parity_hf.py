@@ -9,7 +9,7 @@ import torch
 import graphs
 from graphs.hf import gpt2_from_hf, llama_from_hf
 
-from conftest import ROOT
+from conftest import ROOT, logits_and_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,8 +91,7 @@ def check_parity(hf, model, to_ours, dtype) -> dict[str, float]:
     # HF's own loss always upcasts to fp32; take it at the logits' precision, as ours does
     ref_loss = torch.nn.functional.cross_entropy(ref.logits.reshape(-1, V), targets.reshape(-1),
                                                  ignore_index=-1)
-    logits = model(idx)[0]
-    loss = model(idx, targets)[1]   # the graphs' fused loss returns no logits with targets
+    logits, loss = logits_and_loss(model, idx, targets)
     ref_loss.backward()
     loss.backward()
 
