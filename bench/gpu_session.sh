@@ -8,6 +8,11 @@ if [ ! -d /tmp/site/optuna ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PWD_REPO=$PWD
+# the study of `study`: small GPT-2 and Transformer++ variants at T = 1024, 3-minute trials whose
+# first rung (of successive halving) falls after 60 s of training
+STUDY_ARGS=${STUDY_ARGS:-"--set d_model=384 --set n_layer=4 --set n_head=12 --set micro_batch=32 \
+--set batch_tokens=65536 --budget 20m --trial-budget 3m --evals 3 --study gpu20"}
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 python3 -c "import torch, triton, liger_kernel; print('torch', torch.__version__, 'triton', triton.__version__)"
 git log -1 --format='git %h %s' 2>/dev/null | cut -c1-80
@@ -40,6 +45,19 @@ for s in "$@"; do
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
     profile) stage profile 240 python3 -m bench.profile_step gpt2 ngpt hyper --batch 16 --top 30 ;;
+    study)  # issue 5: the 20-minute study, detached so that it outlives this call; `poll` follows it
+      mkdir -p /tmp/study && (cd /tmp/study && PYTHONPATH="$PWD_REPO${PYTHONPATH:+:$PYTHONPATH}" setsid nohup \
+        python3 -m search.run "$PWD_REPO/graphs/gpt2.yaml" "$PWD_REPO/graphs/llama.yaml" $STUDY_ARGS \
+        > /tmp/study/study.log 2>&1 < /dev/null & echo $! > /tmp/study/pid)
+      echo "== study started $(date -u +%H:%M:%S): $STUDY_ARGS" ;;
+    poll*)  # poll<SECONDS>: wait for the detached study (at most SECONDS), then bring back its state
+      secs=${s#poll}; end=$((SECONDS + ${secs:-540}))
+      while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; do
+        sleep 10; cp /tmp/study/study.log "$OUT/study.log" 2>/dev/null
+      done
+      kill -0 "$(cat /tmp/study/pid)" 2>/dev/null && echo "== study still running" || echo "== study ended"
+      for f in study.log optuna.db mlflow.db; do cp "/tmp/study/$f" "$OUT/" 2>/dev/null; done
+      cp -r /tmp/study/studies "$OUT/" 2>/dev/null; tail -40 /tmp/study/study.log ;;
     *) echo "unknown stage $s" ;;
   esac
 done
