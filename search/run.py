@@ -156,25 +156,29 @@ def pruner(name: str, evals: int):
 
 
 def open_study(cfg: StudyConfig, fams: dict, seed: int | None = 0):
-    """The study, created or resumed. Spawned workers pass `seed=None`: workers seeded alike (in
-    one command, or the same command on two machines) draw the same random start-up trials, and
-    all but one would wait out or repeat a twin; constant liar keeps TPE from proposing what
-    another worker is training. Only the command that creates the study enqueues the baselines."""
+    """The study, created or resumed. `seed` seeds the sampler only of the command that creates
+    the study; spawned workers pass `seed=None`, and a resumed study is never seeded: samplers
+    seeded alike (workers of one command, the same command in two shells, or the same command run
+    again to resume) draw the same random start-up trials, so all but the first would wait out or
+    repeat a twin (on the GPU, a resumed study trained a pruned trial's graph again). Constant
+    liar keeps TPE from proposing what another worker is training. Only the command that creates
+    the study enqueues the baselines."""
     import warnings
 
     import optuna
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize"] + [{"params": "minimize", "tok_s": "maximize"}[a] for a in cfg.also]
-    sampler = optuna.samplers.TPESampler(seed=seed, group=True, multivariate=True,
-                                         constant_liar=cfg.workers > 1)
-    kw = {"study_name": cfg.study, "storage": storage(cfg), "pruner": pruner(cfg.pruner, cfg.evals),
-          "sampler": sampler}
+    def sampler(seed):
+        return optuna.samplers.TPESampler(seed=seed, group=True, multivariate=True,
+                                          constant_liar=cfg.workers > 1)
+    kw = {"study_name": cfg.study, "storage": storage(cfg), "pruner": pruner(cfg.pruner, cfg.evals)}
     try:  # the storage creates a name once: of several commands started together, one wins
-        study, created = optuna.create_study(directions=directions, **kw), True
+        study = optuna.create_study(directions=directions, sampler=sampler(seed), **kw)
+        created = True
         _CREATED.add(cfg.study)
     except optuna.exceptions.DuplicatedStudyError:
-        study, created = optuna.load_study(**kw), False
+        study, created = optuna.load_study(sampler=sampler(None), **kw), False
     check_objectives(study, [cfg.objective, *cfg.also])
     if created:
         for params in baseline_params(fams):

@@ -182,3 +182,24 @@ def test_a_dead_workers_trial_is_failed_when_the_command_ends_and_a_live_ones_is
     finally:
         alive.set()
         t.join()
+
+
+def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
+    """Only the command that creates a study seeds its sampler: the same command run again (to
+    resume, or in a second shell) drew the very trials the first had drawn, and trained a pruned
+    trial's graph a second time (the GPU study of docs/benchmarks.md, run 9)."""
+    from search.run import open_study
+    cfg = StudyConfig(files=[GPT2, LLAMA], study="r", storage=f"sqlite:///{tmp_path}/o.db", size="tiny")
+    fams = load_families(cfg)
+
+    def draw(study, n):
+        drawn = []
+        for _ in range(n):
+            t = study.ask()
+            sample(t, fams)
+            drawn.append(tuple(sorted(t.params.items())))
+            study.tell(t, 1.0)
+        return drawn
+    first = draw(open_study(cfg, fams), 6)[2:]    # after the two enqueued baselines
+    again = draw(open_study(cfg, fams), 4)        # the command run again: the study resumes
+    assert not set(first) & set(again)
