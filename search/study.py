@@ -139,10 +139,19 @@ def used_device_s(study: optuna.Study, exclude: int | None = None) -> float:
     return total
 
 
+PRUNER_REASON = "pruner: "   # how a trial that the pruner stopped states its reason
+
+
 def _same_graph(study, trial, digest):
+    """An earlier trial of the same graph that settles this one: complete (its value is taken),
+    running (wait for it rather than train it twice) or stopped by the pruner (the same graph
+    trains to the same curve, so it would be stopped again). A graph that failed, or whose trial
+    the budget cut short, is trained again."""
     for t in study.get_trials(deepcopy=False):
-        if t.number != trial.number and t.user_attrs.get("graph_hash") == digest and \
-                t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING):
+        if t.number == trial.number or t.user_attrs.get("graph_hash") != digest:
+            continue
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING) or \
+                str(t.user_attrs.get("prune_reason", "")).startswith(PRUNER_REASON):
             return t
     return None
 
@@ -187,6 +196,10 @@ class Objective:
             if twin.state == optuna.trial.TrialState.COMPLETE:
                 trial.set_user_attr("status", "duplicate")
                 return twin.values if self.multi else twin.value
+            if twin.state == optuna.trial.TrialState.PRUNED:
+                for step, value in sorted(twin.intermediate_values.items()):  # what TPE ranks it by
+                    trial.report(value, step=step)
+                self._prune(trial, f"same graph as trial {twin.number}, which the pruner stopped")
             self._prune(trial, f"same graph as running trial {twin.number}")
         remaining = cfg.budget_s - used_device_s(study, exclude=trial.number)
         if remaining <= 0:
@@ -289,7 +302,7 @@ class Objective:
         trial.report(value, step=evals)
         trial.set_user_attr(f"tokens_at_eval_{evals}", tokens)
         if evals < cfg.evals and trial.should_prune():   # after the last, nothing is left to save
-            trial.set_user_attr("prune_reason", f"pruner: {cfg.objective} {value:.4f} at "
+            trial.set_user_attr("prune_reason", f"{PRUNER_REASON}{cfg.objective} {value:.4f} at "
                                                 f"evaluation {evals} of {cfg.evals} ({tokens:,} tokens)")
             return True
         return False

@@ -203,3 +203,42 @@ def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
     first = draw(open_study(cfg, fams), 6)[2:]    # after the two enqueued baselines
     again = draw(open_study(cfg, fams), 4)        # the command run again: the study resumes
     assert not set(first) & set(again)
+
+
+def test_a_graph_the_pruner_stopped_is_not_trained_again(monkeypatch):
+    """A trial that draws the graph of a trial the pruner stopped is pruned at once, with the
+    first one's curve (what TPE ranks it by); a graph whose trial the budget cut short, or that
+    failed, is trained again."""
+    import search.study as study_mod
+    from search.study import Objective
+    cfg = StudyConfig(files=[GPT2], study="d", storage="sqlite://", size="tiny")
+    fams = load_families(cfg)
+    study = optuna.create_study()
+    trained = []
+    monkeypatch.setattr(study_mod, "run_training", lambda run, **kw: trained.append(run) or 1 / 0)
+
+    def earlier(reason: str | None, state) -> dict:
+        t = study.ask()
+        fam, params = sample(t, fams)
+        t.set_user_attr("graph_hash", graphs.elaborate(fams[fam].resolve(params)).hash)
+        t.report(2.5, step=1)
+        if reason:
+            t.set_user_attr("prune_reason", reason)
+        study.tell(t, state=state)
+        return t.params
+
+    def again(params: dict) -> optuna.trial.FrozenTrial:
+        study.enqueue_trial(params)
+        study.optimize(Objective(cfg, fams), n_trials=1, catch=(Exception,))
+        return study.trials[-1]
+
+    stopped = earlier("pruner: val_bpb 2.5000 at evaluation 1 of 4 (4,096 tokens)",
+                      optuna.trial.TrialState.PRUNED)
+    t = again(stopped)
+    assert t.state.name == "PRUNED" and not trained
+    assert t.user_attrs["prune_reason"] == "same graph as trial 0, which the pruner stopped"
+    assert t.user_attrs["duplicate_of"] == 0 and t.intermediate_values == {1: 2.5}
+    cut = earlier("the study's device-time budget ran out mid-trial", optuna.trial.TrialState.PRUNED)
+    assert again(cut).state.name == "FAIL" and len(trained) == 1      # trained (and made to fail here)
+    failed = earlier(None, optuna.trial.TrialState.FAIL)
+    assert again(failed).state.name == "FAIL" and len(trained) == 2
