@@ -9,7 +9,8 @@ are `time/<phase>_s`:
 - compile: the compile cache's load and writes and the first (compiling) step;
 - train: training steps, the budget;
 - sync: waiting at log points and before evaluations for the steps the GPU still has queued (a
-  step returns once launched, so this is training work the budget does not count; 0 on the CPU);
+  step returns once launched, so this is the device training: the budget, `train_s`, counts it
+  with `train`, and so does a study's share of device time in training; 0 on the CPU);
 - eval: evaluations; log: training metrics at log points (loss readback, jsonl, progress bar);
 - checkpoint: checkpoint writes; track: MLflow (the run, its params, tags and artifacts, its end);
 - study: Optuna (sampling, the storage, the pruner); teardown: freeing a trial's memory.

@@ -22,7 +22,7 @@ from search.study import StudyConfig
 
 # the summary's words for the phases of search.phases
 PHASE_WORDS = {"setup": "set-up", "compile": "compile", "train": "training", "eval": "evaluation",
-               "sync": "steps still queued at log points", "log": "logging",
+               "sync": "waiting for queued steps", "log": "logging",
                "checkpoint": "checkpoints", "track": "tracking", "study": "Optuna",
                "teardown": "teardown", "other": "other"}
 
@@ -92,7 +92,8 @@ def device_shares(study, used: float) -> dict[str, float]:
 
 def _shares_text(share: dict[str, float]) -> str:
     """The phases other than training, largest first: 'evaluation 40%, compile 6%, ...'."""
-    rest = sorted(((v, k) for k, v in share.items() if k != "train" and v >= 0.5), reverse=True)
+    rest = sorted(((v, k) for k, v in share.items() if k not in ("train", "sync") and v >= 0.5),
+                  reverse=True)
     return ", ".join(f"{PHASE_WORDS[k]} {v:.0f}%" for v, k in rest) or "nothing else"
 
 
@@ -143,8 +144,10 @@ def summary(cfg: StudyConfig, study) -> str:
     share = device_shares(study, used)
     finished = sum(1 for r in rs if r["state"] in ("COMPLETE", "PRUNED", "FAIL") and r["device_s"])
     rate = finished / (used / 3600) if used else 0.0
+    training = share["train"] + share["sync"]   # a queued step's wait is the device training
+    queued = f", {share['sync']:.0f}% waiting for queued steps at log points" if share["sync"] >= 0.5 else ""
     lines.append(f"* best{' (Pareto front)' if cfg.also else ''}, b baseline; device time used "
-                 f"{used:.0f}s of {cfg.budget_s:.0f}s, {share['train']:.0f}% of it in training steps "
+                 f"{used:.0f}s of {cfg.budget_s:.0f}s, {training:.0f}% of it in training steps{queued} "
                  f"({_shares_text(share)}); {rate:.0f} trials per device-hour")
     rises = late_rises(study)
     if rises:

@@ -230,11 +230,12 @@ class Setup:
 
     def time_metrics(self, result) -> dict[str, float]:
         """`time/<phase>_s` of this process and `time/wall_s`, less what the trainer logged at this
-        step already (a metric is logged once a step). Compile, train and eval are the run's totals,
-        which after a resume include earlier processes."""
+        step already (a metric is logged once a step). Compile, train, sync and eval are the run's
+        totals, which after a resume include earlier processes; train + sync is `train_s`, the
+        budget."""
         m = self.phases.metrics()
-        m.update({"time/compile_s": result.compile_s, "time/train_s": result.train_s,
-                  "time/eval_s": result.eval_s})
+        m.update({"time/compile_s": result.compile_s, "time/train_s": result.train_s - result.sync_s,
+                  "time/sync_s": result.sync_s, "time/eval_s": result.eval_s})
         return {k: v for k, v in m.items() if self.timed.get(k) != (result.tokens, v)}
 
     def progress_bar(self, progress, loss, tok_s, mfu_, train_s) -> None:

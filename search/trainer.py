@@ -1,6 +1,7 @@
 """One training run of one concrete graph: the loop, its budget, evaluation and checkpoints.
 
-The budget is device time spent in training steps. The first step (which compiles) and the
+The budget is device time spent in training steps, the waits at log points for steps still
+queued on the device included (`time/sync_s`). The first step (which compiles) and the
 evaluations are timed separately (`time/compile_s`, `time/eval_s`) and do not count; at its end
 the run logs where all of its wall time went (`time/<phase>_s`, `search.phases`). A compiled
 run first loads the compile cache of its graph hash and shapes (`search.compile_cache`; tag
@@ -34,7 +35,8 @@ class RunResult:
     status: str                    # completed | diverged | interrupted | pruned | failed
     step: int = 0
     tokens: int = 0
-    train_s: float = 0.0
+    train_s: float = 0.0               # the budget: training steps and the waits for queued ones
+    sync_s: float = 0.0                # of train_s, the waits for steps still queued on the device
     compile_s: float = 0.0
     compile_cache: str = "off"         # hit | miss | off (search.compile_cache)
     eval_s: float = 0.0
@@ -124,6 +126,16 @@ class Trainer:
         if self.s.device.type == "cuda":
             torch.cuda.synchronize(self.s.device)
 
+    def _drain(self) -> None:
+        """Wait for the steps still queued on the device. A step returns once its kernels are
+        queued, so this wait is the device training: it counts in train_s, the budget (phase
+        `sync`, to show it). Uncounted, a 3-minute trial on an H100 trained for 202 s, 11% more
+        than its budget (docs/benchmarks.md, the 13-minute study)."""
+        with self.s.phases("sync") as span:
+            self._sync()
+        self.r.train_s += span.seconds
+        self.r.sync_s += span.seconds
+
     # ----- one optimizer step (accumulating micro-batches)
     def train_step(self, batch=None) -> None:
         """One optimizer step over `accum` micro-batches (from the loader, or `batch` each time)."""
@@ -185,8 +197,7 @@ class Trainer:
                     continue
                 done = self.progress() >= 1.0
                 if n_since_log >= self.cfg.log_every or done:
-                    with s.phases("sync"):
-                        self._sync()
+                    self._drain()
                     now = time.perf_counter()
                     with s.phases("log"):
                         diverged = self._log(now - last_log_t, self.r.tokens - last_log_tokens, n_since_log)
@@ -202,7 +213,7 @@ class Trainer:
                     if stop:
                         return self._finish("pruned")
                 if done:
-                    self._sync()
+                    self._drain()
                     self.r.e2e_tok_s = (self.r.tokens - loop_tokens0) / (time.perf_counter() - loop_t0)
                     self._pure_speed()
                     return self._finish("completed")
@@ -240,7 +251,7 @@ class Trainer:
         world = s.dist.world                  # tok_s counts every rank's tokens; the peak is one GPU's
         self.r.tok_s, self.r.mfu = tok_s, mfu(s.flops_per_token, tok_s / world, s.peak)
         m = {"train/loss": loss, "train/lr": self.lr, "perf/tok_s": tok_s,
-             "budget/gpu_s": self.r.train_s, "time/train_s": self.r.train_s}
+             "budget/gpu_s": self.r.train_s, "time/train_s": self.r.train_s - self.r.sync_s}
         if world > 1:
             m["perf/tok_s_per_gpu"] = tok_s / world
         if getattr(self, "grad_norm", None) is not None:
@@ -256,8 +267,7 @@ class Trainer:
     def _evaluate(self) -> bool:
         s = self.s
         stop = False
-        with s.phases("sync"):  # the steps still queued on the device are training, not evaluation
-            self._sync()
+        self._drain()  # the steps still queued on the device are training, not evaluation
         s.feed_entropies(None)  # BLT graphs: validation is scored by the entropy model
         if s.dist.main:
             with s.phases("eval") as span:
@@ -311,7 +321,8 @@ class Trainer:
 
     def _state(self) -> dict:
         r = self.r
-        return {"step": r.step, "tokens": r.tokens, "train_s": r.train_s, "compile_s": r.compile_s,
+        return {"step": r.step, "tokens": r.tokens, "train_s": r.train_s, "sync_s": r.sync_s,
+                "compile_s": r.compile_s,
                 "eval_s": r.eval_s, "loader": self.s.loader.state_dict(), "history": r.history,
                 "graph_hash": self.s.plan.hash}
 
@@ -319,6 +330,7 @@ class Trainer:
         r = self.r
         r.step, r.tokens, r.train_s = state["step"], state["tokens"], state["train_s"]
         r.compile_s, r.eval_s, r.history = state["compile_s"], state["eval_s"], state["history"]
+        r.sync_s = state.get("sync_s", 0.0)   # checkpoints written before it was kept
         self.s.loader.load_state_dict(state["loader"])
         if r.history:
             r.val_loss, r.val_bpb = r.history[-1]["val/loss"], r.history[-1]["val/bpb"]
