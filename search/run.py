@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from graphs.errors import GraphError
 from search.budget import format_duration, parse_count, parse_duration
-from search.study import Objective, StudyConfig, baseline_params, load_families
+from search.study import Objective, StudyConfig, baseline_params, check_data, load_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRAPHS = ["graphs/ngpt.yaml", "graphs/gpt2.yaml"]
@@ -244,7 +244,7 @@ def worker(cfg: StudyConfig, index: int, fams: dict | None = None, study=None) -
     if study is None:
         fams = load_families(cfg)
         study = open_study(cfg, fams, seed=None)
-    callbacks = [stop_when_spent(cfg)]
+    callbacks = [stop_when_spent(cfg), halt_on_repeated_failure()]
     if cfg.trials:
         callbacks.append(optuna.study.MaxTrialsCallback(
             cfg.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -256,6 +256,32 @@ def worker(cfg: StudyConfig, index: int, fams: dict | None = None, study=None) -
     gc.freeze()
     study.optimize(Objective(cfg, fams), callbacks=callbacks, catch=(Exception,),  # TrialFailed and crashes alike: recorded, the study goes on
                    gc_after_trial=True)
+
+
+REPEATS_TO_HALT = 5   # trials in a row failing with the same error stop the study
+
+
+def halt_on_repeated_failure(repeats: int = REPEATS_TO_HALT):
+    """Stop the study when the last `repeats` finished trials all failed with one error: what
+    fails every graph alike (a lost device, a broken install, data gone mid-study) is not a
+    trial's fault, and each retry would only record it again. The reason goes to the study's
+    `halted` attribute, which the command reports with exit status 3."""
+    import optuna
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL)
+
+    def callback(study, trial):
+        error = trial.user_attrs.get("error")
+        if trial.state != optuna.trial.TrialState.FAIL or not error:
+            return
+        last = sorted(study.get_trials(deepcopy=False, states=done),
+                      key=lambda t: t.datetime_complete or t.datetime_start)[-repeats:]
+        if len(last) == repeats and all(t.state == optuna.trial.TrialState.FAIL and
+                                        t.user_attrs.get("error") == error for t in last):
+            study.set_user_attr("halted", f"the last {repeats} trials ({', '.join(str(t.number) for t in last)}) "
+                                          f"all failed with: {error}")
+            study.stop()
+    return callback
 
 
 def stop_when_spent(cfg: StudyConfig):
@@ -337,10 +363,12 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         fams = load_families(cfg)
+        check_data(cfg, fams)
         study = open_study(cfg, fams)
-    except (GraphError, ValueError, FileNotFoundError) as e:
-        print(e, file=sys.stderr)
+    except (GraphError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError and
+        print(e, file=sys.stderr)                              # TokenizerMissing a FileNotFoundError
         return 2
+    study.set_user_attr("halted", None)   # a halt of an earlier command is not this one's
     cfg = replace(cfg, parent_run_id=parent_run(cfg, study))
     each = [format_duration(cfg.trial_budget_s)] if cfg.trial_budget_s else []
     each += [f"{cfg.trial_tokens:,} tokens"] if cfg.trial_tokens else []
@@ -353,10 +381,14 @@ def main(argv=None) -> int:
     else:
         worker(cfg, 0, fams, study)
     settle_dead_trials(study)
-    if cfg.seeds:
+    if cfg.seeds and not study.user_attrs.get("halted"):
         report.reseed(cfg, study)
     print(report.summary(cfg, study))
     report.finish(cfg, study, _PARENT[0] if _PARENT else None)
+    halted = study.user_attrs.get("halted")
+    if halted:
+        print(f"study {cfg.study} stopped: {halted}", file=sys.stderr)
+        return 3
     return 1 if dead else 0
 
 

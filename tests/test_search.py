@@ -93,3 +93,28 @@ def test_a_blt_and_gpt2_study_completes_with_nan_and_raising_trials_recorded(tmp
     assert runs["2"].info.status == "FAILED" and runs["2"].data.tags["status"] == "diverged"
     assert runs["3"].info.status == "FAILED"
     assert "error.txt" in {a.path for a in client.list_artifacts(runs["3"].info.run_id)}
+
+
+def test_a_study_whose_every_trial_fails_alike_stops_and_says_why(tmp_path):
+    """What fails every graph alike is not a trial's fault: after five such trials in a row the
+    study stops with exit status 3 and names the error, instead of failing trials for its whole
+    budget (on the GPU, 1,500 in five minutes)."""
+    out = search(tmp_path, GPT2, "--size", "tiny", "--trial-budget", "3s", "--budget", "10m",
+                 "--study", "h", PLAYGROUND_FAULT="raise@1")
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    ts = trials(tmp_path, "h")
+    assert [t.state.name for t in ts] == ["FAIL"] * 5
+    assert ("study h stopped: the last 5 trials (0, 1, 2, 3, 4) all failed with: RuntimeError: "
+            "injected failure at step 1 (PLAYGROUND_FAULT)") in out.stderr
+    again = search(tmp_path, GPT2, "--size", "tiny", "--trial-budget", "3s", "--budget", "10m",
+                   "--study", "h", "--trials", "6")    # fixed: the study resumes and goes on
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [t.state.name for t in trials(tmp_path, "h")][5:] == ["COMPLETE"]
+
+
+def test_a_missing_tokenizer_is_the_commands_error_before_any_trial(tmp_path):
+    out = search(tmp_path, GPT2, "--size", "tiny", "--study", "t",
+                 LM_PLAYGROUND_HOME=str(tmp_path / "home"), TIKTOKEN_CACHE_DIR=str(tmp_path / "none"))
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "GPT-2 tokenizer ranks not found" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "optuna.db").exists()
