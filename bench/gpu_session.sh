@@ -13,6 +13,11 @@ PWD_REPO=$PWD
 # first rung (of successive halving) falls after 60 s of training
 STUDY_ARGS=${STUDY_ARGS:-"--set d_model=384 --set n_layer=4 --set n_head=12 --set micro_batch=32 \
 --set batch_tokens=65536 --budget 20m --trial-budget 3m --evals 3 --study gpu20"}
+# the GPT-2 ranks cannot be downloaded there: carry them as .whl/gpt2.tiktoken (cp from
+# ~/.cache/lm-playground/tokenizers/ after `python -m search.tokenizer install` here)
+if [ -f .whl/gpt2.tiktoken ]; then
+  python3 -m search.tokenizer install --from .whl/gpt2.tiktoken > /dev/null || exit 1
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 python3 -c "import torch, triton, liger_kernel; print('torch', torch.__version__, 'triton', triton.__version__)"
 git log -1 --format='git %h %s' 2>/dev/null | cut -c1-80
@@ -45,11 +50,17 @@ for s in "$@"; do
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
     profile) stage profile 240 python3 -m bench.profile_step gpt2 ngpt hyper --batch 16 --top 30 ;;
-    study)  # issue 5: the 20-minute study, detached so that it outlives this call; `poll` follows it
+    study)  # issue 5: the 20-minute study, detached so that it outlives this call; `poll` follows it.
+      # The process writes its own pid: under the device's job control setsid forks, and $! would
+      # name a process that is gone at once (run 9: a poll saw "ended" while the study ran on).
+      if [ -e /tmp/study/pid ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; then
+        echo "== a study is still running (pid $(cat /tmp/study/pid)): poll it"; continue
+      fi
       mkdir -p /tmp/study && (cd /tmp/study && PYTHONPATH="$PWD_REPO${PYTHONPATH:+:$PYTHONPATH}" setsid nohup \
-        python3 -m search.run "$PWD_REPO/graphs/gpt2.yaml" "$PWD_REPO/graphs/llama.yaml" $STUDY_ARGS \
-        > /tmp/study/study.log 2>&1 < /dev/null & echo $! > /tmp/study/pid)
-      echo "== study started $(date -u +%H:%M:%S): $STUDY_ARGS" ;;
+        sh -c 'echo $$ > /tmp/study/pid; exec python3 -m search.run "$@"' study \
+        "$PWD_REPO/graphs/gpt2.yaml" "$PWD_REPO/graphs/llama.yaml" $STUDY_ARGS \
+        > /tmp/study/study.log 2>&1 < /dev/null &)
+      sleep 2; echo "== study started $(date -u +%H:%M:%S), pid $(cat /tmp/study/pid): $STUDY_ARGS" ;;
     poll*)  # poll<SECONDS>: wait for the detached study (at most SECONDS), then bring back its state
       secs=${s#poll}; end=$((SECONDS + ${secs:-540}))
       while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; do
