@@ -21,16 +21,19 @@ from search.trainer import RunResult, Trainer
 EXIT = {"completed": 0, "pruned": 0, "diverged": 3, "interrupted": 130, "failed": 1}
 
 
-def run_training(cfg: RunConfig, on_eval=None, phases: Phases | None = None) -> RunResult:
+def run_training(cfg: RunConfig, on_eval=None, phases: Phases | None = None,
+                 should_stop=None) -> RunResult:
     """Train per `cfg`; a failure after tracking started is recorded (status failed, traceback).
-    `phases`: the clock to split the wall time on (a search trial's own; default a new one)."""
+    `phases`: the clock to split the wall time on (a search trial's own; default a new one).
+    `on_eval(tokens, metrics)` and `should_stop()` (asked at log points): True stops the run as
+    pruned (a search trial's pruner, the study's budget)."""
     if cfg.budget_s is None and cfg.max_tokens is None and cfg.max_bytes is None:
         raise ValueError("give a time budget, a token count or a byte count")
     phases = phases or Phases()
     with phases("setup"):
         setup = Setup(cfg, phases)
     try:
-        return Trainer(setup, on_eval).run()
+        return Trainer(setup, on_eval, should_stop).run()
     except Exception as e:
         result = RunResult("failed", message=f"{type(e).__name__}: {e}", run_id=setup.tracker.run_id,
                            run_dir=str(setup.run_dir))

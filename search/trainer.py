@@ -72,10 +72,11 @@ def _fault(trial: str | None = None) -> tuple[str, int] | None:
 class Trainer:
     """Runs `setup` (model, data, optimiser, tracker) until its budget is spent."""
 
-    def __init__(self, s: Setup, on_eval=None):
+    def __init__(self, s: Setup, on_eval=None, should_stop=None):
         self.s = s
         self.cfg = s.cfg
         self.on_eval = on_eval          # callback(tokens, metrics) -> True to stop (prune)
+        self.should_stop = should_stop  # callback() at log points -> True to stop (prune)
         self.model = s.model
         self.r = RunResult("running", run_id=s.tracker.run_id, run_dir=str(s.run_dir))
         with s.phases("compile") as span:
@@ -203,6 +204,9 @@ class Trainer:
                         diverged = self._log(now - last_log_t, self.r.tokens - last_log_tokens, n_since_log)
                     if diverged:
                         return self._finish("diverged")
+                    if self.should_stop is not None and not done and \
+                            broadcast_flag(s.dist, s.dist.main and self.should_stop(), s.device):
+                        return self._finish("pruned")
                     last_log_t, last_log_tokens, n_since_log = time.perf_counter(), self.r.tokens, 0
                 if done or self.progress() >= next_eval:
                     stop = self._evaluate()

@@ -242,3 +242,29 @@ def test_a_graph_the_pruner_stopped_is_not_trained_again(monkeypatch):
     assert again(cut).state.name == "FAIL" and len(trained) == 1      # trained (and made to fail here)
     failed = earlier(None, optuna.trial.TrialState.FAIL)
     assert again(failed).state.name == "FAIL" and len(trained) == 2
+
+
+def test_a_trial_stops_when_other_workers_spend_the_study_budget_between_its_evaluations(
+        tmp_path, monkeypatch):
+    """Another worker's running trial spends the study's device time too: a trial given what was
+    left at its start stops at a log point once the total runs out, not at its next evaluation."""
+    import time
+
+    import search.study as study_mod
+    from search.study import Objective
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "BUDGET_CHECK_S", 0.5)
+    cfg = StudyConfig(files=[GPT2], study="b", storage="sqlite://", size="tiny", budget_s=24.0,
+                      trial_budget_s=20.0, evals=1, eval_bytes=2048, pruner="none",
+                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    fams = load_families(cfg)
+    study = optuna.create_study()
+    other = study.ask()                              # another worker's trial, running for 10 s
+    other.set_user_attr("started", time.time() - 10.0)
+    study.optimize(Objective(cfg, fams), n_trials=1)
+    t = study.trials[-1]
+    assert t.state.name == "PRUNED", t.user_attrs
+    assert t.user_attrs["prune_reason"] == "the study's device-time budget ran out mid-trial"
+    # 14 s were left and both trials spend them: about 7 s each (and its run's end), not the 14 s
+    # of training it was given at its start (its only evaluation was at the end)
+    assert t.user_attrs["train_s"] < 7 and t.user_attrs["device_s"] < 13, t.user_attrs["time"]
