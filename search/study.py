@@ -303,12 +303,15 @@ class Objective:
                 return False
             last[0] = time.monotonic()
             with clock("study"):
-                if self.cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - \
-                        (time.time() - started) > 0:
-                    return False
-                trial.set_user_attr("prune_reason", BUDGET_RAN_OUT)
-                return True
+                return self._out_of_budget(trial, started)
         return spent
+
+    def _out_of_budget(self, trial, started) -> bool:
+        """The study's device time is spent, this trial's so far included: say so on the trial."""
+        if self.cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) > 0:
+            return False
+        trial.set_user_attr("prune_reason", BUDGET_RAN_OUT)
+        return True
 
     def _on_eval(self, trial, started, clock: Phases | None = None):
         clock = clock or Phases()
@@ -324,8 +327,7 @@ class Objective:
     def _report(self, trial, started, evals: int, tokens: int, metrics: dict) -> bool:
         """Evaluation `evals` to Optuna; True to stop the trial (pruned, or the budget is spent)."""
         cfg = self.cfg
-        if cfg.budget_s - used_device_s(trial.study, exclude=trial.number) - (time.time() - started) <= 0:
-            trial.set_user_attr("prune_reason", BUDGET_RAN_OUT)
+        if self._out_of_budget(trial, started):
             return True
         if self.multi:
             return False  # Optuna prunes single-objective studies only
