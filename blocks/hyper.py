@@ -8,10 +8,13 @@ H'_t = sum_u A_r[u, t] H_u + sum_f B[f, t] y_f) -> hc_collapse (once, before the
 Read and write each compute their dynamic coefficients from the same streams H (normed), which
 is the paper's single HC split in two; the norm has no gain because the projection after it
 would absorb one. Initialised so that the model equals Pre-Norm at step 0. Math: hyper_ops.py;
-`impl` runs mode mhc through Liger's fused mHC kernels instead (blocks/liger.py).
+`impl` runs mode mhc through Liger's fused mHC kernels instead (blocks/liger.py), and static
+and dynamic connections through our fused Triton kernels (impl triton, blocks/hyper_kernels.py).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +33,20 @@ MODES = ("static", "dynamic", "mhc")
 # converges at the rate of the second eigenvalue, and near a permutation 20 iterations leave
 # row sums ~1e-3 off; from here they reach 1 to fp32 precision (tests/test_hyper.py).
 MHC_PRE_LOGIT, MHC_RES_LOGIT = 2.0, 1.0
+MAX_FUSED_STREAMS = 16   # impl triton unrolls its kernels over the streams (hyper_kernels.MAX_STREAMS)
+IMPLS = (*liger.IMPLS, "triton")
 IMPL_DOC = ("mode mhc's " + liger.IMPL_DOC + "; liger needs a power-of-two number of streams "
-            "(static and dynamic have no Liger op: torch or auto)")
+            "(static and dynamic have no Liger op: torch or auto); triton: our fused kernels "
+            "(blocks/hyper_kernels.py) for static and dynamic connections without frac, CUDA only")
 
 
 def _streams_in(ins, cfg):
     k = expect(ins, 0, "streams")
     if cfg.mode == "mhc" and (k.frac or 1) > 1:
         raise KindError("mode mhc does not combine with frac-connections (frac > 1)", 0)
+    if cfg.impl == "triton" and ((k.frac or 1) > 1 or k.n > MAX_FUSED_STREAMS):
+        raise KindError(f"impl triton takes frac 1 and at most {MAX_FUSED_STREAMS} streams, not "
+                        f"{k.n // (k.frac or 1)} streams of frac {k.frac or 1}; use impl torch", 0)
     why = liger.mhc_unsupported(k.n) if cfg.mode == "mhc" and cfg.impl == "liger" else None
     if why:
         raise KindError(f"impl liger cannot run this mHC: {why}; use impl torch or auto", 0)
@@ -47,7 +56,9 @@ def _streams_in(ins, cfg):
 def _check_impl(cfg):
     if cfg.impl == "liger" and cfg.mode != "mhc":
         return (f"impl liger: Liger has a fused op for mode mhc only, not {cfg.mode}; "
-                "use impl torch or auto")
+                "use impl torch, auto or triton")
+    if cfg.impl == "triton" and cfg.mode == "mhc":
+        return "impl triton: our fused kernels cover static and dynamic only; mhc has impl liger"
     return None
 
 
@@ -138,6 +149,22 @@ class _Connection(Block):
             raise RuntimeError(f"{self.type_name} '{self.ctx.node}': impl liger: {why}")
         return liger.run(op, "torch" if why else impl, h, *args)
 
+    def _fused(self, h):
+        """blocks/hyper_kernels.py, where impl triton asks for it and can run; None on the meta
+        device (shapes only: the twin has the same) and for every other impl."""
+        if self.cfg.impl != "triton" or h.device.type == "meta":
+            return None
+        where = f"{self.type_name} '{self.ctx.node}': impl triton"
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError(f"{where} needs the triton package (CUDA builds of torch bring it)")
+        if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"{where} needs a CUDA device, not {h.device.type} (or "
+                               "TRITON_INTERPRET=1: Triton's CPU interpreter, for tests)")
+        if torch.float64 in (h.dtype, next(self.parameters()).dtype):
+            raise RuntimeError(f"{where} computes in fp32; use impl torch for float64")
+        from blocks import hyper_kernels
+        return hyper_kernels
+
     def no_decay(self):
         # decay would pull A_r and the one-hot A_m towards 0, away from the residual
         return {n for n, _ in self.named_parameters()}
@@ -168,7 +195,7 @@ class HCRead(_Connection):
                                         "(default: the layer index)", min=0, max=1_000_000)
         scale_init: float = param(0.01, "initial scale s_alpha of the dynamic part", min=0.0, max=10.0)
         eps: float = param(1e-6, "eps of the norm the dynamic part reads", min=0.0, max=1.0)
-        impl: str = param("torch", IMPL_DOC, choices=liger.IMPLS)
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
 
     @classmethod
     def check_config(cls, cfg):
@@ -227,6 +254,11 @@ class HCRead(_Connection):
         if self.cfg.mode == "mhc":
             return self._run_mhc("mhc_read", h, self.pre_proj, self.pre_bias, self.pre_scale,
                                  self.cfg.eps)
+        fused = self._fused(h)
+        if fused:
+            dyn = self.cfg.mode == "dynamic"
+            return fused.read(h, self.a_m, self.w_m if dyn else None,
+                              self.s_alpha if dyn else None, self.cfg.eps)
         return ops.mix(self.coefficients(h), h).flatten(-2)
 
 
@@ -248,7 +280,7 @@ class HCWrite(_Connection):
         eps: float = param(1e-6, "eps of the norm the dynamic part reads", min=0.0, max=1.0)
         sinkhorn_iters: int = param(20, "mhc: Sinkhorn-Knopp iterations (row then column)",
                                     min=1, max=1000)
-        impl: str = param("torch", IMPL_DOC, choices=liger.IMPLS)
+        impl: str = param("torch", IMPL_DOC, choices=IMPLS)
 
     @classmethod
     def check_config(cls, cfg):
@@ -321,6 +353,12 @@ class HCWrite(_Connection):
             return self._run_mhc("mhc_write", h, y, self.res_proj, self.res_bias, self.res_scale,
                                  self.post_proj, self.post_bias, self.post_scale, self.cfg.eps,
                                  self.cfg.sinkhorn_iters)
+        fused = self._fused(h)
+        if fused and self.cfg.mode == "dynamic":
+            return fused.write(h, y, self.a_r, self.beta, self.w_r, self.w_beta, self.s_alpha,
+                               self.s_beta, self.cfg.eps)
+        if fused:
+            return fused.write(h, y, self.a_r, self.beta)
         a_r, beta = self.coefficients(h)
         return ops.mix(a_r, h) + ops.mix(beta, ops.split(y, self.m))
 

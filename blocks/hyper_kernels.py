@@ -1,0 +1,321 @@
+"""Fused Triton kernels of static and dynamic hyper-connections: `impl: triton` on hc_read and
+hc_write (frac 1, at most
+hyper.MAX_FUSED_STREAMS streams: the kernels unroll over them). Imported only where that impl is asked for (it needs the triton package).
+
+One op computes both connection kinds of blocks/hyper.py over streams h (N, n, d):
+    out[t, o] = sum_u A[t, u, o] h[t, u]  (+ beta[t, o] y[t] for hc_write)
+    A[t, u, o] = a0[u, o] + s_a tanh(z[t, u, o]),  beta[t, o] = b0[o] + s_b tanh(z[t, o, OUT])
+    z[t, u, :] = rms(h[t, u])^-1 * (h[t, u] @ w)   (dynamic only; static: A = a0, beta = b0)
+hc_read is OUT = 1 (a0 = A_m, w = W_m); hc_write is OUT = n (a0 = A_r, b0 = B, w = [W_r | W_beta]).
+
+Why: compiled PyTorch makes about five passes over the fp32 streams per sublayer (the
+coefficients' norm and thin projections, the mix, and in the backward the reductions that form
+the coefficients' gradients), which made DHC at n = 4 take 2.08x the Pre-Norm step (H100,
+docs/benchmarks.md run 8). Here each direction is one kernel: per block of tokens, a pass over d
+forms the per-token reductions and a second pass (whose reads of the same block hit the L2
+cache) writes the mix, so the streams cross HBM once per direction. Everything is computed in
+fp32, the projections too (the twin rounds them to bf16 under autocast).
+
+The backward writes per-program partial sums of the parameter gradients (summed here), not
+atomics, so gradients are deterministic. Loop bounds over d are compile-time constants, which
+Triton's CPU interpreter needs (the tests run the kernels there with TRITON_INTERPRET=1).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _pick(x, idx, i, axis: tl.constexpr):
+    """x's slice i along `axis` (idx: that axis's index, broadcastable to x)."""
+    return tl.sum(tl.where(idx == i, x, 0.0), axis=axis)
+
+
+@triton.jit
+def _coefficients(q, r, a0_ptr, b0_ptr, sa, sb, u, o, k,
+                  N: tl.constexpr, OUT: tl.constexpr, DYN: tl.constexpr, HAS_Y: tl.constexpr):
+    """A [BT, NP, OP], beta [BT, OP] and tanh(z) [BT, NP, KP] from the projections q and 1/rms r."""
+    u3, o3, k3 = u[None, :, None], o[None, None, :], k[None, None, :]
+    a0 = tl.load(a0_ptr + u[:, None] * OUT + o[None, :], mask=(u[:, None] < N) & (o[None, :] < OUT),
+                 other=0.0).to(tl.float32)
+    th = _tanh(q * r[:, :, None])
+    a = a0[None, :, :] + tl.zeros_like(r)[:, :, None]
+    beta = 0.0 * tl.sum(a, axis=1)
+    if DYN:
+        for i in tl.static_range(OUT):
+            a += tl.where(o3 == i, sa * _pick(th, k3, i, 2)[:, :, None], 0.0)
+    if HAS_Y:   # OUT = n: beta of output stream o comes from stream o's own column OUT
+        beta += tl.load(b0_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)[None, :]
+        if DYN:
+            beta += sb * _pick(th, k3, OUT, 2)
+    return a, beta, th
+
+
+@triton.jit
+def _hc_fwd(h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, out_ptr, r_ptr, q_ptr, n_tok, eps,
+            D: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, K: tl.constexpr,
+            NP: tl.constexpr, OP: tl.constexpr, KP: tl.constexpr,
+            DYN: tl.constexpr, HAS_Y: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    u, o, k, dd = tl.arange(0, NP), tl.arange(0, OP), tl.arange(0, KP), tl.arange(0, BD)
+    tm = t < n_tok
+    t64 = t.to(tl.int64)
+    u3, k3, d3 = u[None, :, None], k[None, None, :], dd[None, None, :]
+    tu = tm[:, None] & (u[None, :] < N)
+    q = tl.zeros((BT, NP, KP), tl.float32)
+    r = tl.zeros((BT, NP), tl.float32)
+    sa, sb = 0.0, 0.0
+    if DYN:   # pass 1: each stream's sum of squares and its projections onto w's K columns
+        ss = tl.zeros((BT, NP), tl.float32)
+        for d0 in range(0, D, BD):
+            x = tl.load(h_ptr + (t64[:, None, None] * N + u3) * D + d0 + d3,
+                        mask=tu[:, :, None] & (d0 + d3 < D), other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, axis=2)
+            for i in tl.static_range(K):
+                wi = tl.load(w_ptr + (d0 + dd) * K + i, mask=d0 + dd < D, other=0.0).to(tl.float32)
+                q += tl.where(k3 == i, tl.sum(x * wi[None, None, :], axis=2)[:, :, None], 0.0)
+        r = tl.where(tu, tl.rsqrt(ss / D + eps), 0.0)
+        tl.store(r_ptr + t64[:, None] * N + u[None, :], r, mask=tu)
+        tl.store(q_ptr + (t64[:, None, None] * N + u3) * K + k3, q, mask=tu[:, :, None] & (k3 < K))
+        sa = tl.load(sa_ptr).to(tl.float32)
+        if HAS_Y:
+            sb = tl.load(sb_ptr).to(tl.float32)
+    a, beta, th = _coefficients(q, r, a0_ptr, b0_ptr, sa, sb, u, o, k, N, OUT, DYN, HAS_Y)
+    om = (o[None, :, None] < OUT) & tm[:, None, None]
+    for d0 in range(0, D, BD):   # pass 2: the mix (the block's streams are in L2 by now)
+        dm = d0 + dd < D
+        acc = tl.zeros((BT, OP, BD), tl.float32)
+        for i in tl.static_range(N):
+            x = tl.load(h_ptr + (t64[:, None] * N + i) * D + d0 + dd[None, :],
+                        mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            acc += _pick(a, u3, i, 1)[:, :, None] * x[:, None, :]
+        if HAS_Y:
+            yv = tl.load(y_ptr + t64[:, None] * D + d0 + dd[None, :], mask=tm[:, None] & dm[None, :],
+                         other=0.0).to(tl.float32)
+            acc += beta[:, :, None] * yv[:, None, :]
+        tl.store(out_ptr + (t64[:, None, None] * OUT + o[None, :, None]) * D + d0 + d3, acc,
+                 mask=om & (d0 + d3 < D))
+
+
+@triton.jit
+def _hc_bwd(g_ptr, h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, r_ptr, q_ptr,
+            dh_ptr, dy_ptr, dw_ptr, da0_ptr, db0_ptr, ds_ptr, n_tok,
+            D: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, K: tl.constexpr,
+            NP: tl.constexpr, OP: tl.constexpr, KP: tl.constexpr,
+            DYN: tl.constexpr, HAS_Y: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+            TPP: tl.constexpr):
+    """TPP blocks of BT tokens per program; the parameter gradients go to this program's row
+    of the partial buffers (dw: [programs, KP, D], zeroed by the caller)."""
+    pid = tl.program_id(0)
+    u, o, k, dd = tl.arange(0, NP), tl.arange(0, OP), tl.arange(0, KP), tl.arange(0, BD)
+    u3, o3, k3, d3 = u[None, :, None], o[None, None, :], k[None, None, :], dd[None, None, :]
+    sa, sb = 0.0, 0.0
+    if DYN:
+        sa = tl.load(sa_ptr).to(tl.float32)
+        if HAS_Y:
+            sb = tl.load(sb_ptr).to(tl.float32)
+    da0 = tl.zeros((NP, OP), tl.float32)
+    db0 = tl.zeros((OP,), tl.float32)
+    dsa = tl.zeros((NP,), tl.float32)
+    dsb = tl.zeros((NP,), tl.float32)
+    for j in range(TPP):   # a loop, not unrolled: TPP sets how many partial sums there are
+        t = (pid * TPP + j) * BT + tl.arange(0, BT)
+        tm = t < n_tok
+        t64 = t.to(tl.int64)
+        tu = tm[:, None] & (u[None, :] < N)
+        q = tl.zeros((BT, NP, KP), tl.float32)
+        r = tl.zeros((BT, NP), tl.float32)
+        if DYN:
+            r = tl.load(r_ptr + t64[:, None] * N + u[None, :], mask=tu, other=0.0)
+            q = tl.load(q_ptr + (t64[:, None, None] * N + u3) * K + k3,
+                        mask=tu[:, :, None] & (k3 < K), other=0.0)
+        a, beta, th = _coefficients(q, r, a0_ptr, b0_ptr, sa, sb, u, o, k, N, OUT, DYN, HAS_Y)
+        gm = tm[:, None, None] & (o3 < OUT)
+        # pass 1: dA[t, u, o] = <g[t, o], h[t, u]>, dbeta[t, o] = <g[t, o], y[t]>; dy = beta^T g
+        da = tl.zeros((BT, NP, OP), tl.float32)
+        dbeta = tl.zeros((BT, OP), tl.float32)
+        for d0 in range(0, D, BD):
+            dm = d0 + dd < D
+            g = tl.load(g_ptr + (t64[:, None, None] * OUT + o[None, :, None]) * D + d0 + d3,
+                        mask=(tm[:, None, None] & (o[None, :, None] < OUT)) & (d0 + d3 < D),
+                        other=0.0).to(tl.float32)
+            for i in tl.static_range(N):
+                x = tl.load(h_ptr + (t64[:, None] * N + i) * D + d0 + dd[None, :],
+                            mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                da += tl.where(u3 == i, tl.sum(x[:, None, :] * g, axis=2)[:, None, :], 0.0)
+            if HAS_Y:
+                yv = tl.load(y_ptr + t64[:, None] * D + d0 + dd[None, :],
+                             mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                dbeta += tl.sum(g * yv[:, None, :], axis=2)
+                tl.store(dy_ptr + t64[:, None] * D + d0 + dd[None, :],
+                         tl.sum(beta[:, :, None] * g, axis=1).to(dy_ptr.dtype.element_ty),
+                         mask=tm[:, None] & dm[None, :])
+        da0 += tl.sum(da, axis=0)
+        db0 += tl.sum(dbeta, axis=0)
+        # through tanh, the projection and the norm: dq = dz / rms, d(1/rms) = sum_k dz q
+        dq = tl.zeros((BT, NP, KP), tl.float32)
+        c = tl.zeros((BT, NP), tl.float32)
+        if DYN:
+            dth = tl.zeros((BT, NP, KP), tl.float32)
+            for i in tl.static_range(OUT):
+                dth += tl.where(k3 == i, _pick(da, o3, i, 2)[:, :, None], 0.0)
+            dsa += tl.sum(tl.sum(tl.where(k3 < OUT, dth * th, 0.0), axis=2), axis=0)
+            dth = dth * sa
+            if HAS_Y:   # OUT = n, so dbeta's index o is the stream index u
+                dsb += tl.sum(dbeta * _pick(th, k3, OUT, 2), axis=0)
+                dth += tl.where(k3 == OUT, sb * dbeta[:, :, None], 0.0)
+            dz = dth * (1.0 - th * th)
+            dq = dz * r[:, :, None]
+            c = -tl.sum(dz * q, axis=2) * r * r * r / D   # d/dh of 1/rms is -h / (D rms^3)
+        # pass 2: dh[t, u] = sum_o A[t, u, o] g[t, o] + dq[t, u] @ w^T + c[t, u] h[t, u]
+        for d0 in range(0, D, BD):
+            dm = d0 + dd < D
+            g = tl.load(g_ptr + (t64[:, None, None] * OUT + o[None, :, None]) * D + d0 + d3,
+                        mask=(tm[:, None, None] & (o[None, :, None] < OUT)) & (d0 + d3 < D),
+                        other=0.0).to(tl.float32)
+            wt = tl.zeros((KP, BD), tl.float32)
+            dwc = tl.zeros((KP, BD), tl.float32)
+            if DYN:
+                wt = tl.load(w_ptr + (d0 + dd[None, :]) * K + k[:, None],
+                             mask=(k[:, None] < K) & dm[None, :], other=0.0).to(tl.float32)
+            for i in tl.static_range(N):
+                dx = tl.sum(_pick(a, u3, i, 1)[:, :, None] * g, axis=1)
+                if DYN:
+                    x = tl.load(h_ptr + (t64[:, None] * N + i) * D + d0 + dd[None, :],
+                                mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                    dqi = _pick(dq, u3, i, 1)
+                    dx += tl.sum(dqi[:, :, None] * wt[None, :, :], axis=1)
+                    dx += _pick(c, u[None, :], i, 1)[:, None] * x
+                    dwc += tl.sum(dqi[:, :, None] * x[:, None, :], axis=0)
+                tl.store(dh_ptr + (t64[:, None] * N + i) * D + d0 + dd[None, :],
+                         dx.to(dh_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
+            if DYN:   # this program's own row: no other program writes it
+                wp = dw_ptr + (pid * KP + k[:, None]) * D + d0 + dd[None, :]
+                tl.store(wp, tl.load(wp) + dwc, mask=dm[None, :])
+    tl.store(da0_ptr + (pid * NP + u[:, None]) * OP + o[None, :], da0)
+    tl.store(db0_ptr + pid * OP + o, db0)
+    tl.store(ds_ptr + pid * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, tl.sum(dsa), tl.sum(dsb)))
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _meta(h, y, w, a0):
+    n, d, out = h.shape[1], h.shape[2], a0.shape[1]
+    k = w.shape[1] if w is not None else 0
+    bd = min(128, _pow2(d))
+    bt = max(1, min(16, 1024 // (_pow2(n) * bd)))
+    return dict(D=d, N=n, OUT=out, K=max(k, 1), NP=_pow2(n), OP=_pow2(out), KP=_pow2(max(k, 1)),
+                DYN=w is not None, HAS_Y=y is not None, BT=bt, BD=bd)
+
+
+def _or_dummy(t, like):
+    return t if t is not None else like.new_zeros(1)
+
+
+@torch.library.custom_op("lm_playground::hc_mix", mutates_args=())
+def hc_mix(h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor], a0: torch.Tensor,
+           b0: Optional[torch.Tensor], sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
+           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [N, OUT, d] fp32, 1/rms [N, n], projections [N, n, K]) of contiguous h [N, n, d]."""
+    meta = _meta(h, y, w, a0)
+    n_tok, n = h.shape[0], h.shape[1]
+    out = h.new_empty((n_tok, a0.shape[1], h.shape[2]), dtype=torch.float32)
+    r = h.new_empty((n_tok, n) if w is not None else (0, n), dtype=torch.float32)
+    q = h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32)
+    grid = (triton.cdiv(n_tok, meta["BT"]),)
+    _hc_fwd[grid](h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
+                  _or_dummy(sb, h), out, r, q, n_tok, eps, **meta)
+    return out, r, q
+
+
+@hc_mix.register_fake
+def _(h, y, w, a0, b0, sa, sb, eps):
+    n_tok, n = h.shape[0], h.shape[1]
+    return (h.new_empty((n_tok, a0.shape[1], h.shape[2]), dtype=torch.float32),
+            h.new_empty((n_tok, n) if w is not None else (0, n), dtype=torch.float32),
+            h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32))
+
+
+TPP = 16   # token blocks per backward program: fewer, larger partial sums of the weights' gradient
+
+
+@torch.library.custom_op("lm_playground::hc_mix_backward", mutates_args=())
+def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                    a0: torch.Tensor, b0: Optional[torch.Tensor], sa: Optional[torch.Tensor],
+                    sb: Optional[torch.Tensor], r: torch.Tensor, q: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """(dh, dy, dw, da0, db0, [ds_a, ds_b]); dy, dw, db0 are empty where y, w, b0 are None."""
+    meta = _meta(h, y, w, a0)
+    n_tok = h.shape[0]
+    tpp = min(TPP, triton.cdiv(n_tok, meta["BT"]))
+    progs = triton.cdiv(n_tok, meta["BT"] * tpp)
+    dh = torch.empty_like(h)
+    dy = torch.empty_like(y) if y is not None else h.new_empty(0)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    dw = torch.zeros((progs, meta["KP"], meta["D"]), **f32)
+    da0 = torch.empty((progs, meta["NP"], meta["OP"]), **f32)
+    db0 = torch.empty((progs, meta["OP"]), **f32)
+    ds = torch.empty((progs, 2), **f32)
+    _hc_bwd[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
+                      _or_dummy(sa, h), _or_dummy(sb, h), r, q, dh, dy if y is not None else h.new_empty(1),
+                      dw, da0, db0, ds, n_tok, TPP=tpp, **meta)
+    n, out = h.shape[1], a0.shape[1]
+    dw = dw.sum(0)[: w.shape[1]].t().contiguous().to(w.dtype) if w is not None else h.new_empty(0)
+    db0 = db0.sum(0)[:out].to(b0.dtype) if b0 is not None else h.new_empty(0)
+    return dh, dy, dw, da0.sum(0)[:n, :out].to(a0.dtype), db0, ds.sum(0)
+
+
+@hc_mix_backward.register_fake
+def _(g, h, y, w, a0, b0, sa, sb, r, q):
+    return (torch.empty_like(h), torch.empty_like(y) if y is not None else h.new_empty(0),
+            torch.empty_like(w) if w is not None else h.new_empty(0),
+            torch.empty_like(a0), torch.empty_like(b0) if b0 is not None else h.new_empty(0),
+            h.new_empty(2, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    h, y, w, a0, b0, sa, sb, _ = inputs
+    ctx.save_for_backward(h, y, w, a0, b0, sa, sb, output[1], output[2])
+
+
+def _backward(ctx, g, _gr, _gq):
+    h, y, w, a0, b0, sa, sb, r, q = ctx.saved_tensors
+    dh, dy, dw, da0, db0, ds = hc_mix_backward(g.contiguous(), h, y, w, a0, b0, sa, sb, r, q)
+    keep = lambda t, grad: grad if t is not None else None  # noqa: E731
+    return (dh, keep(y, dy), keep(w, dw), da0, keep(b0, db0),
+            keep(sa, ds[0].to(sa.dtype) if sa is not None else None),
+            keep(sb, ds[1].to(sb.dtype) if sb is not None else None), None)
+
+
+hc_mix.register_autograd(_backward, setup_context=_setup)
+
+
+def _flat(h: torch.Tensor) -> torch.Tensor:
+    return h.reshape(-1, *h.shape[-2:]).contiguous()
+
+
+def read(h, a_m, w_m=None, s_alpha=None, eps: float = 1e-6) -> torch.Tensor:
+    """hc_read: (..., n, d) streams -> (..., d) fp32; static when w_m is None."""
+    out, _, _ = hc_mix(_flat(h), None, w_m, a_m, None, s_alpha if w_m is not None else None,
+                       None, eps)
+    return out.view(*h.shape[:-2], h.shape[-1])
+
+
+def write(h, y, a_r, beta, w_r=None, w_beta=None, s_alpha=None, s_beta=None,
+          eps: float = 1e-6) -> torch.Tensor:
+    """hc_write: H' = A_r^T H + beta y of (..., n, d) streams and (..., d) y, fp32; static when
+    w_r is None."""
+    w = torch.cat([w_r, w_beta], 1) if w_r is not None else None
+    out, _, _ = hc_mix(_flat(h), y.reshape(-1, y.shape[-1]).contiguous(), w, a_r, beta.reshape(-1),
+                       s_alpha if w is not None else None, s_beta if w is not None else None, eps)
+    return out.view(h.shape)

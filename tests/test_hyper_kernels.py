@@ -1,0 +1,126 @@
+"""The fused Triton kernels of static and dynamic hyper-connections (impl triton,
+blocks/hyper_kernels.py) against the plain-PyTorch blocks: outputs and every gradient, block by
+block and through a whole model. Without a GPU they run in Triton's CPU interpreter
+(TRITON_INTERPRET=1, set by conftest.py); the test install brings the triton package, so a
+missing one fails here rather than skipping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blocks
+import graphs
+from blocks.kinds import hidden, streams
+from blocks.registry import Context
+from graphs.errors import GraphError
+
+from conftest import logits_and_loss
+from test_hyper import batch, hyper, perturb
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def pair(kind: str, mode: str, n: int, d: int):
+    """The block of `kind` with impl triton and its torch twin, sharing perturbed parameters."""
+    cls = blocks.get(kind)
+    ins = [streams(n, d)] + ([hidden(d)] if kind == "hc_write" else [])
+    made = []
+    for impl in ("triton", "torch"):
+        blk = cls(cls.Config(mode=mode, impl=impl), ins, Context("x", layer=1, n_layer=2)).to(DEV)
+        blk.init_weights(None)
+        made.append(blk)
+    perturb(made[0], seed=3, std=0.5)
+    made[1].load_state_dict(made[0].state_dict())
+    return made
+
+
+@pytest.mark.parametrize("kind", ["hc_read", "hc_write"])
+@pytest.mark.parametrize("mode, n, d", [("dynamic", 4, 40), ("dynamic", 3, 130), ("dynamic", 1, 16),
+                                        ("static", 4, 40), ("static", 2, 130)])
+def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, n, d):
+    """10 tokens (not a multiple of a token block), d = 130 spans two chunks of 128, n = 3 pads
+    the streams to 4: every mask of the kernels is crossed."""
+    fused, twin = pair(kind, mode, n, d)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, n, d, generator=g).to(DEV).requires_grad_()
+    y = torch.randn(2, 5, d, generator=g).to(DEV).requires_grad_()
+    args = (h, y) if kind == "hc_write" else (h,)
+    out_f, out_t = fused(*args), twin(*args)
+    torch.testing.assert_close(out_f, out_t, **FP32)
+    assert out_f.dtype == out_t.dtype and out_f.shape == out_t.shape
+    gout = torch.randn(out_t.shape, generator=g).to(DEV)
+    wrt_f, wrt_t = [*args, *fused.parameters()], [*args, *twin.parameters()]
+    names = [f"input {i}" for i in range(len(args))] + [n for n, _ in fused.named_parameters()]
+    grads_f = torch.autograd.grad(out_f, wrt_f, gout)
+    grads_t = torch.autograd.grad(out_t, wrt_t, gout)
+    for name, a, b in zip(names, grads_f, grads_t):
+        assert b.abs().sum() > 0, name   # every gradient is exercised
+        torch.testing.assert_close(a, b, **FP32, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_model_with_fused_connections_equals_the_torch_model(mode):
+    """graphs/hyper.yaml with --set hc_impl=triton: the same loss, logits and gradients of every
+    parameter as with the torch connections, from perturbed (non-initial) connections."""
+    models = [hyper(mode, n=4, sets=[f"hc_impl={impl}"]).to(DEV) for impl in ("triton", "torch")]
+    perturb(models[0], seed=5, std=0.3)
+    models[1].load_state_dict(models[0].state_dict())
+    idx, tgt = (t.to(DEV) for t in batch(2))
+    (la, loss_a), (lb, loss_b) = (logits_and_loss(m, idx, tgt) for m in models)
+    torch.testing.assert_close(la, lb, **FP32)
+    torch.testing.assert_close(loss_a, loss_b, **FP32)
+    loss_a.backward()
+    loss_b.backward()
+    own = dict(models[1].named_parameters())
+    for name, p in models[0].named_parameters():
+        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["hc=mhc", "hc_impl=triton"], "impl triton: our fused kernels cover static and dynamic only"),
+    (["hc=dynamic", "frac=2", "hc_impl=triton"], "impl triton takes frac 1"),
+    (["hc=static", "n_streams=4", "hc_impl=liger"], "Liger has a fused op for mode mhc only")])
+def test_impls_that_cannot_run_the_mode_are_refused_at_the_node(sets, says):
+    from test_hyper import HYPER, SETS
+    with pytest.raises(GraphError, match=says) as e:
+        graphs.elaborate(graphs.load(HYPER, size="tiny", sets=[*SETS, *sets]).resolve())
+    assert "a_read" in str(e.value) or "a_write" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal; on a GPU the kernels run")
+def test_impl_triton_on_the_cpu_outside_the_interpreter_names_the_node(monkeypatch):
+    fused, _ = pair("hc_read", "dynamic", 4, 8)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="hc_read 'x': impl triton needs a CUDA device, not cpu"):
+        fused(torch.randn(1, 2, 4, 8))
+
+
+def test_impl_triton_refuses_float64_rather_than_rounding_it():
+    fused, _ = pair("hc_write", "dynamic", 2, 8)
+    fused.double()
+    with pytest.raises(RuntimeError, match="impl triton computes in fp32; use impl torch"):
+        fused(torch.randn(1, 2, 2, 8, dtype=torch.float64, device=DEV),
+              torch.randn(1, 2, 8, dtype=torch.float64, device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_compiled_bf16_model_with_fused_connections_matches_the_torch_model(mode):
+    """Inside torch.compile (the ops are opaque custom ops) under bf16 autocast, with a bf16 y:
+    the loss and the connections' gradients against the eager torch connections."""
+    models = [hyper(mode, n=4, sets=[f"hc_impl={impl}"]).to(DEV) for impl in ("triton", "torch")]
+    perturb(models[0], seed=5, std=0.3)
+    models[1].load_state_dict(models[0].state_dict())
+    idx, tgt = (t.to(DEV) for t in batch(2))
+    with torch.autocast("cuda", torch.bfloat16):
+        fused = torch.compile(models[0])(idx, tgt)[1]
+        eager = models[1](idx, tgt)[1]
+    torch.testing.assert_close(fused, eager, rtol=2e-2, atol=2e-2)
+    fused.backward()
+    eager.backward()
+    own = dict(models[1].named_parameters())
+    for name, p in models[0].named_parameters():
+        if "_read" in name or "_write" in name:
+            rel = (p.grad - own[name].grad).norm() / own[name].grad.norm().clamp_min(1e-12)
+            assert rel < 5e-2, (name, rel.item())
