@@ -36,7 +36,8 @@ for s in "$@"; do
         --baseline llama --models llama,hyper,hyper+hc_impl=triton,hyper+hc=static,hyper+hc=static+hc_impl=triton \
         --together --write "$OUT/hyper.md" ;;
     kernels) # issue 10: the fused kernels compiled for the GPU, every test of theirs (parity on CUDA)
-      stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_hyper_kernels.py ;;
+      stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_hyper_kernels.py
+      stage hc-ops 240 python3 -m bench.hc_kernels ;;
     tests)  stage tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_liger.py tests/test_ngpt.py tests/test_hyper.py tests/test_hyper_kernels.py tests/test_attention.py ;;
     one)    # everything one call can hold: issues 4, 6 and 9 in two interleaved processes, then the chunked loss's memory test
       stage one 330 python3 -m search.bench --together --compile regional --batch 16,32 --warm-only gpt2,llama \

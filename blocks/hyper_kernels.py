@@ -208,11 +208,16 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
+# Launch settings: elements of a (tokens x streams x d) tile, warps per program. Not measured
+# yet on a GPU; bench/hc_kernels.py sweeps them.
+TUNE = {"tile": 1024, "chunk": 128, "warps_fwd": 4, "warps_bwd": 4}
+
+
 def _meta(h, y, w, a0):
     n, d, out = h.shape[1], h.shape[2], a0.shape[1]
     k = w.shape[1] if w is not None else 0
-    bd = min(128, _pow2(d))
-    bt = max(1, min(16, 1024 // (_pow2(n) * bd)))
+    bd = min(TUNE["chunk"], _pow2(d))
+    bt = max(1, min(16, TUNE["tile"] // (_pow2(n) * bd)))
     return dict(D=d, N=n, OUT=out, K=max(k, 1), NP=_pow2(n), OP=_pow2(out), KP=_pow2(max(k, 1)),
                 DYN=w is not None, HAS_Y=y is not None, BT=bt, BD=bd)
 
@@ -233,7 +238,7 @@ def hc_mix(h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor]
     q = h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32)
     grid = (triton.cdiv(n_tok, meta["BT"]),)
     _hc_fwd[grid](h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
-                  _or_dummy(sb, h), out, r, q, n_tok, eps, **meta)
+                  _or_dummy(sb, h), out, r, q, n_tok, eps, num_warps=TUNE["warps_fwd"], **meta)
     return out, r, q
 
 
@@ -268,7 +273,7 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
     ds = torch.empty((progs, 2), **f32)
     _hc_bwd[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
                       _or_dummy(sa, h), _or_dummy(sb, h), r, q, dh, dy if y is not None else h.new_empty(1),
-                      dw, da0, db0, ds, n_tok, TPP=tpp, **meta)
+                      dw, da0, db0, ds, n_tok, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
     n, out = h.shape[1], a0.shape[1]
     dw = dw.sum(0)[: w.shape[1]].t().contiguous().to(w.dtype) if w is not None else h.new_empty(0)
     db0 = db0.sum(0)[:out].to(b0.dtype) if b0 is not None else h.new_empty(0)
