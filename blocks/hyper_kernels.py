@@ -42,7 +42,7 @@ def _pick(x, idx, i, axis: tl.constexpr):
 def _coefficients(q, r, a0_ptr, b0_ptr, sa, sb, u, o, k,
                   N: tl.constexpr, OUT: tl.constexpr, DYN: tl.constexpr, HAS_Y: tl.constexpr):
     """A [BT, NP, OP], beta [BT, OP] and tanh(z) [BT, NP, KP] from the projections q and 1/rms r."""
-    u3, o3, k3 = u[None, :, None], o[None, None, :], k[None, None, :]
+    o3, k3 = o[None, None, :], k[None, None, :]
     a0 = tl.load(a0_ptr + u[:, None] * OUT + o[None, :], mask=(u[:, None] < N) & (o[None, :] < OUT),
                  other=0.0).to(tl.float32)
     th = _tanh(q * r[:, :, None])

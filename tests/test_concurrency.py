@@ -132,7 +132,7 @@ def test_two_commands_of_two_workers_share_a_postgres_study(tmp_path, postgres_u
 
 
 def _open_storage(url: str, barrier) -> None:
-    from search.run import storage
+    from search.study_store import storage
     from search.study import StudyConfig
 
     barrier.wait()  # every process reaches the empty database at the same moment
@@ -141,7 +141,7 @@ def _open_storage(url: str, barrier) -> None:
 
 def test_commands_started_together_on_a_new_postgres_database_all_create_its_schema(postgres_url):
     # The schema race of a new database: each process sees no tables and creates them; without
-    # the retry in search.run.storage the losers fail with "type studydirection already exists".
+    # the retry in search.study_store.storage the losers fail with "type studydirection already exists".
     import multiprocessing as mp
 
     import psycopg2
@@ -167,7 +167,7 @@ def test_commands_started_together_on_a_new_postgres_database_all_create_its_sch
 def _pop_all(url: str, barrier, popped) -> None:
     import optuna
 
-    from search.run import storage
+    from search.study_store import storage
     from search.study import StudyConfig
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="queue", storage=storage(
@@ -187,7 +187,7 @@ def test_workers_popping_enqueued_trials_together_each_get_a_different_one(backe
 
     import optuna
 
-    from search.run import storage
+    from search.study_store import storage
     from search.study import StudyConfig
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/optuna.db"

@@ -154,7 +154,7 @@ def test_a_dead_workers_trial_is_failed_when_the_command_ends_and_a_live_ones_is
     import threading
     import time
 
-    from search.run import settle_dead_trials, storage
+    from search.study_store import settle_dead_trials, storage
     cfg = StudyConfig(files=[], study="s", storage=f"sqlite:///{tmp_path}/o.db", heartbeat_s=1)
     study = optuna.create_study(study_name="s", storage=storage(cfg))
     dead, live = study.ask(), study.ask()
