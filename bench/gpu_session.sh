@@ -31,9 +31,9 @@ stage() {  # name, seconds, command...
 for s in "$@"; do
   case $s in
     ops)    stage ops 120 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
-    hyper)  # issue 10: DHC and SHC at n = 4, torch against our fused kernels (hc_impl=triton)
+    hyper)  # issue 10: DHC at n = 4, torch against our fused kernels (hc_impl=triton)
       stage hyper 300 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
-        --baseline llama --models llama,hyper,hyper+hc_impl=triton,hyper+hc=static,hyper+hc=static+hc_impl=triton \
+        --baseline llama --models llama,hyper,hyper+hc_impl=triton \
         --together --write "$OUT/hyper.md" ;;
     kernels) # issue 10: the fused kernels compiled for the GPU, every test of theirs (parity on CUDA)
       stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_hyper_kernels.py

@@ -18,8 +18,8 @@ from blocks.registry import Context
 
 HBM = 3.35e12   # H100 SXM's HBM3 bandwidth, bytes/s
 SETTINGS = [dict(tile=t, chunk=c, warps_fwd=wf, warps_bwd=wb)
-            for t, c, wf, wb in [(1024, 128, 4, 4), (1024, 128, 4, 8), (2048, 128, 4, 8),
-                                 (512, 128, 4, 4), (2048, 256, 8, 8), (4096, 256, 8, 8)]]
+            for t, c, wf, wb in [(1024, 128, 4, 4), (1024, 128, 4, 8), (512, 128, 4, 4),
+                                 (2048, 256, 8, 8)]]
 
 
 def block(kind: str, mode: str, impl: str, n: int, d: int) -> torch.nn.Module:
