@@ -180,11 +180,15 @@ class _Connection(Block):
 
 @register
 class HCRead(_Connection):
-    """Width connection: the sublayer input is a mix of the streams, h_in = A_m^T H."""
+    """Width connection: the sublayer input is a mix of the streams, h_in = A_m^T H. Its second
+    output, `streams`, is H itself, for the write of the same sublayer: with impl triton, H's
+    gradient from the write then reaches this node's backward kernel, which adds it (see
+    hyper_kernels._Read); for the other impls it is the same tensor."""
 
     type_name = "hc_read"
     example = ({"mode": "dynamic"}, [streams(6, 8, frac=2)])  # for the registry's smoke test
     inputs = ("streams",)
+    outputs = ("out", "streams")
 
     @dataclass(frozen=True)
     class Config:
@@ -205,7 +209,7 @@ class HCRead(_Connection):
     def infer(cls, cfg, ins):
         expect_count(ins, 1)
         k = _streams_in(ins, cfg)
-        return (hidden(k.width * (k.frac or 1), k.seq),)
+        return hidden(k.width * (k.frac or 1), k.seq), k
 
     def __init__(self, cfg, ins, ctx):
         super().__init__(cfg, ins, ctx)
@@ -253,13 +257,13 @@ class HCRead(_Connection):
         self._check(h)
         if self.cfg.mode == "mhc":
             return self._run_mhc("mhc_read", h, self.pre_proj, self.pre_bias, self.pre_scale,
-                                 self.cfg.eps)
+                                 self.cfg.eps), h
         fused = self._fused(h)
         if fused:
             dyn = self.cfg.mode == "dynamic"
             return fused.read(h, self.a_m, self.w_m if dyn else None,
                               self.s_alpha if dyn else None, self.cfg.eps)
-        return ops.mix(self.coefficients(h), h).flatten(-2)
+        return ops.mix(self.coefficients(h), h).flatten(-2), h
 
 
 @register

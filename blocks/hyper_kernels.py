@@ -159,11 +159,12 @@ def _through_tanh(da, dbeta, th, q, r, sa, sb, o, k, OUT: tl.constexpr, HAS_Y: t
 
 
 @triton.jit
-def _bwd_dh(g_ptr, h_ptr, w_ptr, dh_ptr, dw_row, a, dq, c, t64, tm, u, o, k, dd,
+def _bwd_dh(g_ptr, h_ptr, w_ptr, acc_ptr, dh_ptr, dw_row, a, dq, c, t64, tm, u, o, k, dd,
             D: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, K: tl.constexpr,
-            KP: tl.constexpr, DYN: tl.constexpr, BD: tl.constexpr):
-    """Pass 2: dh[t, u] = sum_o A[t, u, o] g[t, o] + dq[t, u] w^T + c[t, u] h[t, u], and the
-    weights' gradient h^T dq added to this program's own row dw_row (no other program writes it)."""
+            KP: tl.constexpr, DYN: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr):
+    """Pass 2: dh[t, u] = sum_o A[t, u, o] g[t, o] + dq[t, u] w^T + c[t, u] h[t, u] (+ acc, the
+    gradient H has from elsewhere), and the weights' gradient h^T dq added to this program's own
+    row dw_row (no other program writes it)."""
     u3 = u[None, :, None]
     for d0 in range(0, D, BD):
         dm = d0 + dd < D
@@ -175,6 +176,8 @@ def _bwd_dh(g_ptr, h_ptr, w_ptr, dh_ptr, dw_row, a, dq, c, t64, tm, u, o, k, dd,
                          mask=(k[:, None] < K) & dm[None, :], other=0.0).to(tl.float32)
         for i in tl.static_range(N):
             dx = tl.sum(_pick(a, u3, i, 1)[:, :, None] * g, axis=1)
+            if ACC:
+                dx += _row(acc_ptr, t64, tm, dd, d0, i, N, D)
             if DYN:
                 x = _row(h_ptr, t64, tm, dd, d0, i, N, D)
                 dqi = _pick(dq, u3, i, 1)
@@ -189,12 +192,12 @@ def _bwd_dh(g_ptr, h_ptr, w_ptr, dh_ptr, dw_row, a, dq, c, t64, tm, u, o, k, dd,
 
 
 @triton.jit
-def _hc_bwd(g_ptr, h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, r_ptr, q_ptr,
+def _hc_bwd(g_ptr, h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, r_ptr, q_ptr, acc_ptr,
             dh_ptr, dy_ptr, dw_ptr, da0_ptr, db0_ptr, ds_ptr, n_tok,
             D: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, K: tl.constexpr,
             NP: tl.constexpr, OP: tl.constexpr, KP: tl.constexpr,
-            DYN: tl.constexpr, HAS_Y: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-            TPP: tl.constexpr):
+            DYN: tl.constexpr, HAS_Y: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr,
+            BD: tl.constexpr, TPP: tl.constexpr):
     """TPP blocks of BT tokens per program; the parameter gradients go to this program's row
     of the partial buffers (dw: [programs, KP, D], zeroed by the caller)."""
     pid = tl.program_id(0)
@@ -231,8 +234,8 @@ def _hc_bwd(g_ptr, h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, r_ptr, q
             dq, c, dsa_j, dsb_j = _through_tanh(da, dbeta, th, q, r, sa, sb, o, k, OUT, HAS_Y, D)
             dsa += dsa_j
             dsb += dsb_j
-        _bwd_dh(g_ptr, h_ptr, w_ptr, dh_ptr, dw_ptr + pid * KP * D, a, dq, c, t64, tm, u, o, k, dd,
-                D, N, OUT, K, KP, DYN, BD)
+        _bwd_dh(g_ptr, h_ptr, w_ptr, acc_ptr, dh_ptr, dw_ptr + pid * KP * D, a, dq, c, t64, tm,
+                u, o, k, dd, D, N, OUT, K, KP, DYN, ACC, BD)
     tl.store(da0_ptr + (pid * NP + u[:, None]) * OP + o[None, :], da0)
     tl.store(db0_ptr + pid * OP + o, db0)
     tl.store(ds_ptr + pid * 2 + tl.arange(0, 2),
@@ -291,10 +294,12 @@ TPP = 16   # token blocks per backward program: fewer, larger partial sums of th
 @torch.library.custom_op("lm_playground::hc_mix_backward", mutates_args=())
 def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor],
                     a0: torch.Tensor, b0: Optional[torch.Tensor], sa: Optional[torch.Tensor],
-                    sb: Optional[torch.Tensor], r: torch.Tensor, q: torch.Tensor
+                    sb: Optional[torch.Tensor], r: torch.Tensor, q: torch.Tensor,
+                    acc: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor]:
-    """(dh, dy, dw, da0, db0, [ds_a, ds_b]); dy, dw, db0 are empty where y, w, b0 are None."""
+    """(dh, dy, dw, da0, db0, [ds_a, ds_b]); dy, dw, db0 are empty where y, w, b0 are None;
+    acc (h's shape), where given, is added to dh."""
     meta = _meta(h, y, w, a0)
     n_tok = h.shape[0]
     tpp = min(TPP, triton.cdiv(n_tok, meta["BT"]))
@@ -307,8 +312,9 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
     db0 = torch.empty((progs, meta["OP"]), **f32)
     ds = torch.empty((progs, 2), **f32)
     _hc_bwd[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
-                      _or_dummy(sa, h), _or_dummy(sb, h), r, q, dh, dy if y is not None else h.new_empty(1),
-                      dw, da0, db0, ds, n_tok, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
+                      _or_dummy(sa, h), _or_dummy(sb, h), r, q, _or_dummy(acc, h), dh,
+                      dy if y is not None else h.new_empty(1), dw, da0, db0, ds, n_tok,
+                      ACC=acc is not None, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
     n, out = h.shape[1], a0.shape[1]
     dw = dw.sum(0)[: w.shape[1]].t().contiguous().to(w.dtype) if w is not None else h.new_empty(0)
     db0 = db0.sum(0)[:out].to(b0.dtype) if b0 is not None else h.new_empty(0)
@@ -316,7 +322,7 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
 
 
 @hc_mix_backward.register_fake
-def _(g, h, y, w, a0, b0, sa, sb, r, q):
+def _(g, h, y, w, a0, b0, sa, sb, r, q, acc=None):
     return (torch.empty_like(h), torch.empty_like(y) if y is not None else h.new_empty(0),
             torch.empty_like(w) if w is not None else h.new_empty(0),
             torch.empty_like(a0), torch.empty_like(b0) if b0 is not None else h.new_empty(0),
@@ -344,11 +350,36 @@ def _flat(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(-1, *h.shape[-2:]).contiguous()
 
 
-def read(h, a_m, w_m=None, s_alpha=None, eps: float = 1e-6) -> torch.Tensor:
-    """hc_read: (..., n, d) streams -> (..., d) fp32; static when w_m is None."""
-    out, _, _ = hc_mix(_flat(h), None, w_m, a_m, None, s_alpha if w_m is not None else None,
-                       None, eps)
-    return out.view(*h.shape[:-2], h.shape[-1])
+class _Read(torch.autograd.Function):
+    """hc_read as an autograd node of its own. Besides h_in it returns the streams themselves (a
+    view), which the write of the same sublayer consumes: H's gradient from the write then
+    arrives here and is added inside the backward kernel, instead of autograd adding H's two
+    gradients in a pass of its own over the fp32 streams (two reads and a write)."""
+
+    @staticmethod
+    def forward(ctx, h, a_m, w_m, s_alpha, eps):
+        hf = _flat(h)
+        out, r, q = hc_mix(hf, None, w_m, a_m, None, s_alpha, None, eps)
+        ctx.save_for_backward(hf, a_m, w_m, s_alpha, r, q)
+        ctx.shape = h.shape
+        ctx.set_materialize_grads(False)   # unused streams: None, not a tensor of zeros to add
+        return out.view(*h.shape[:-2], h.shape[-1]), h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g, g_streams):
+        hf, a_m, w_m, s_alpha, r, q = ctx.saved_tensors
+        g = torch.zeros_like(hf[:, :1]) if g is None else g.reshape(hf.shape[0], 1, -1)
+        acc = None if g_streams is None else _flat(g_streams)
+        dh, _, dw, da0, _, ds = hc_mix_backward(g.contiguous(), hf, None, w_m, a_m, None, s_alpha,
+                                                None, r, q, acc)
+        return (dh.view(ctx.shape), da0, dw if w_m is not None else None,
+                ds[0].to(s_alpha.dtype) if s_alpha is not None else None, None)
+
+
+def read(h, a_m, w_m=None, s_alpha=None, eps: float = 1e-6):
+    """hc_read: (..., n, d) streams -> ((..., d) fp32 h_in, the streams as a view for the write
+    of the same sublayer); static when w_m is None."""
+    return _Read.apply(h, a_m, w_m, s_alpha if w_m is not None else None, eps)
 
 
 def write(h, y, a_r, beta, w_r=None, w_beta=None, s_alpha=None, s_beta=None,

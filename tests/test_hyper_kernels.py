@@ -46,14 +46,17 @@ def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, 
     h = torch.randn(2, 5, n, d, generator=g).to(DEV).requires_grad_()
     y = torch.randn(2, 5, d, generator=g).to(DEV).requires_grad_()
     args = (h, y) if kind == "hc_write" else (h,)
-    out_f, out_t = fused(*args), twin(*args)
-    torch.testing.assert_close(out_f, out_t, **FP32)
-    assert out_f.dtype == out_t.dtype and out_f.shape == out_t.shape
-    gout = torch.randn(out_t.shape, generator=g).to(DEV)
+    # hc_read also gives the streams (for its write): a gradient into them is added to h's
+    outs_f, outs_t = (m(*args) for m in (fused, twin))
+    outs_f, outs_t = (o if isinstance(o, tuple) else (o,) for o in (outs_f, outs_t))
+    for a, b in zip(outs_f, outs_t, strict=True):
+        torch.testing.assert_close(a, b, **FP32)
+        assert a.dtype == b.dtype and a.shape == b.shape
+    gouts = [torch.randn(o.shape, generator=g).to(DEV) for o in outs_t]
     wrt_f, wrt_t = [*args, *fused.parameters()], [*args, *twin.parameters()]
     names = [f"input {i}" for i in range(len(args))] + [n for n, _ in fused.named_parameters()]
-    grads_f = torch.autograd.grad(out_f, wrt_f, gout)
-    grads_t = torch.autograd.grad(out_t, wrt_t, gout)
+    grads_f = torch.autograd.grad(outs_f, wrt_f, gouts)
+    grads_t = torch.autograd.grad(outs_t, wrt_t, gouts)
     for name, a, b in zip(names, grads_f, grads_t):
         assert b.abs().sum() > 0, name   # every gradient is exercised
         torch.testing.assert_close(a, b, **FP32, msg=name)
@@ -139,7 +142,8 @@ for kind in ("hc_read", "hc_write"):
             h, a0 = torch.empty(16, n, d), torch.empty(n, 1 if kind == "hc_read" else n)
             w = torch.empty(d, 1 if kind == "hc_read" else n + 1) if dyn else None
             y = torch.empty(16, d) if kind == "hc_write" else None
-            meta = hk._meta(h, y, w, a0) | ({"TPP": hk.TPP} if fn is hk._hc_bwd else {})
+            meta = hk._meta(h, y, w, a0) | ({"TPP": hk.TPP, "ACC": kind == "hc_read"}
+                                            if fn is hk._hc_bwd else {})
             sig = {a: "constexpr" if a in meta else "i32" if a == "n_tok" else "fp32" if a == "eps"
                    else "*bf16" if a in ("y_ptr", "dy_ptr") else "*fp32" for a in fn.arg_names}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta),
@@ -162,3 +166,39 @@ def test_kernels_compile_for_the_h100_without_a_gpu(tmp_path):
     run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True,
                          timeout=600, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.count("compiled") == 8, run.stderr[-3000:]
+
+
+def test_each_read_adds_its_writes_gradient_of_the_streams_in_its_backward_kernel(monkeypatch):
+    """graphs/hyper.yaml feeds each write the streams through its read (`a_read.streams`), so with
+    impl triton every read's backward receives H's gradient from the write and adds it in the
+    kernel (acc), rather than autograd adding the two in a pass of its own; the writes get none."""
+    from blocks import hyper_kernels as hk
+    calls = []
+    real = hk.hc_mix_backward
+
+    def spy(g, h, y, *rest):
+        calls.append(("write" if y is not None else "read", len(rest) > 7 and rest[7] is not None))
+        return real(g, h, y, *rest)
+    monkeypatch.setattr(hk, "hc_mix_backward", spy)
+    m = hyper("dynamic", n=4, sets=["hc_impl=triton"]).to(DEV)
+    idx, tgt = (t.to(DEV) for t in batch(2))
+    m(idx, tgt)[1].backward()
+    layers = 3   # test_hyper's SETS
+    assert sorted(calls) == [("read", True)] * (2 * layers) + [("write", False)] * (2 * layers)
+
+
+def test_compiled_model_with_fused_connections_traces_into_one_graph_and_matches_eager():
+    """The read's autograd node returns a view of its input (the streams for the write): Dynamo
+    and AOTAutograd trace it without a graph break, and the compiled gradients are eager's."""
+    models = [hyper("dynamic", n=4, sets=["hc_impl=triton"]).to(DEV) for _ in range(2)]
+    perturb(models[0], seed=5, std=0.3)
+    models[1].load_state_dict(models[0].state_dict())
+    idx, tgt = (t.to(DEV) for t in batch(2))
+    compiled = torch.compile(models[0], backend="aot_eager", fullgraph=True)
+    loss_c, loss_e = compiled(idx, tgt)[1], models[1](idx, tgt)[1]
+    torch.testing.assert_close(loss_c, loss_e, **FP32)
+    loss_c.backward()
+    loss_e.backward()
+    own = dict(models[1].named_parameters())
+    for name, p in models[0].named_parameters():
+        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-4, atol=1e-6, msg=name)
