@@ -62,22 +62,32 @@ def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, 
         torch.testing.assert_close(a, b, **FP32, msg=name)
 
 
+def twins(mode: str, impls=("triton", "torch")):
+    """graphs/hyper.yaml at n = 4 with each hc_impl of `impls`, sharing perturbed weights."""
+    models = [hyper(mode, n=4, sets=[f"hc_impl={impl}"]).to(DEV) for impl in impls]
+    perturb(models[0], seed=5, std=0.3)
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def assert_same_grads(m, ref):
+    own = dict(ref.named_parameters())
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_model_with_fused_connections_equals_the_torch_model(mode):
     """graphs/hyper.yaml with --set hc_impl=triton: the same loss, logits and gradients of every
     parameter as with the torch connections, from perturbed (non-initial) connections."""
-    models = [hyper(mode, n=4, sets=[f"hc_impl={impl}"]).to(DEV) for impl in ("triton", "torch")]
-    perturb(models[0], seed=5, std=0.3)
-    models[1].load_state_dict(models[0].state_dict())
+    models = twins(mode)
     idx, tgt = (t.to(DEV) for t in batch(2))
     (la, loss_a), (lb, loss_b) = (logits_and_loss(m, idx, tgt) for m in models)
     torch.testing.assert_close(la, lb, **FP32)
     torch.testing.assert_close(loss_a, loss_b, **FP32)
     loss_a.backward()
     loss_b.backward()
-    own = dict(models[1].named_parameters())
-    for name, p in models[0].named_parameters():
-        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(*models)
 
 
 @pytest.mark.parametrize("sets, says", [
@@ -112,9 +122,7 @@ def test_impl_triton_refuses_float64_rather_than_rounding_it():
 def test_compiled_bf16_model_with_fused_connections_matches_the_torch_model(mode):
     """Inside torch.compile (the ops are opaque custom ops) under bf16 autocast, with a bf16 y:
     the loss and the connections' gradients against the eager torch connections."""
-    models = [hyper(mode, n=4, sets=[f"hc_impl={impl}"]).to(DEV) for impl in ("triton", "torch")]
-    perturb(models[0], seed=5, std=0.3)
-    models[1].load_state_dict(models[0].state_dict())
+    models = twins(mode)
     idx, tgt = (t.to(DEV) for t in batch(2))
     with torch.autocast("cuda", torch.bfloat16):
         fused = torch.compile(models[0])(idx, tgt)[1]
@@ -190,15 +198,11 @@ def test_each_read_adds_its_writes_gradient_of_the_streams_in_its_backward_kerne
 def test_compiled_model_with_fused_connections_traces_into_one_graph_and_matches_eager():
     """The read's autograd node returns a view of its input (the streams for the write): Dynamo
     and AOTAutograd trace it without a graph break, and the compiled gradients are eager's."""
-    models = [hyper("dynamic", n=4, sets=["hc_impl=triton"]).to(DEV) for _ in range(2)]
-    perturb(models[0], seed=5, std=0.3)
-    models[1].load_state_dict(models[0].state_dict())
+    models = twins("dynamic", ("triton", "triton"))
     idx, tgt = (t.to(DEV) for t in batch(2))
     compiled = torch.compile(models[0], backend="aot_eager", fullgraph=True)
     loss_c, loss_e = compiled(idx, tgt)[1], models[1](idx, tgt)[1]
     torch.testing.assert_close(loss_c, loss_e, **FP32)
     loss_c.backward()
     loss_e.backward()
-    own = dict(models[1].named_parameters())
-    for name, p in models[0].named_parameters():
-        torch.testing.assert_close(p.grad, own[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(*models)
