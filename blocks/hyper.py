@@ -149,9 +149,10 @@ class _Connection(Block):
             raise RuntimeError(f"{self.type_name} '{self.ctx.node}': impl liger: {why}")
         return liger.run(op, "torch" if why else impl, h, *args)
 
-    def _fused(self, h):
+    def _fused(self, h, *more):
         """blocks/hyper_kernels.py, where impl triton asks for it and can run; None on the meta
-        device (shapes only: the twin has the same) and for every other impl."""
+        device (shapes only: the twin has the same) and for every other impl. `more`: the other
+        inputs, whose dtypes are checked with h's."""
         if self.cfg.impl != "triton" or h.device.type == "meta":
             return None
         where = f"{self.type_name} '{self.ctx.node}': impl triton"
@@ -160,7 +161,7 @@ class _Connection(Block):
         if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"{where} needs a CUDA device, not {h.device.type} (or "
                                "TRITON_INTERPRET=1: Triton's CPU interpreter, for tests)")
-        if torch.float64 in (h.dtype, next(self.parameters()).dtype):
+        if torch.float64 in (h.dtype, *(t.dtype for t in more), next(self.parameters()).dtype):
             raise RuntimeError(f"{where} computes in fp32; use impl torch for float64")
         from blocks import hyper_kernels
         return hyper_kernels
@@ -357,7 +358,7 @@ class HCWrite(_Connection):
             return self._run_mhc("mhc_write", h, y, self.res_proj, self.res_bias, self.res_scale,
                                  self.post_proj, self.post_bias, self.post_scale, self.cfg.eps,
                                  self.cfg.sinkhorn_iters)
-        fused = self._fused(h)
+        fused = self._fused(h, y)
         if fused and self.cfg.mode == "dynamic":
             return fused.write(h, y, self.a_r, self.beta, self.w_r, self.w_beta, self.s_alpha,
                                self.s_beta, self.cfg.eps)

@@ -12,8 +12,9 @@ Why: compiled PyTorch makes about five passes over the fp32 streams per sublayer
 coefficients' norm and thin projections, the mix, and in the backward the reductions that form
 the coefficients' gradients), which made DHC at n = 4 take 2.08x the Pre-Norm step (H100,
 docs/benchmarks.md run 8). Here each direction is one kernel: per block of tokens, a pass over d
-forms the per-token reductions and a second pass (whose reads of the same block hit the L2
-cache) writes the mix, so the streams cross HBM once per direction. Everything is computed in
+forms the per-token reductions and a second pass over the same few tokens writes the mix; the
+design counts on that second read hitting the L2 cache, so that the streams cross HBM about
+once per direction (not yet measured on a GPU). Everything is computed in
 fp32, the projections too (the twin rounds them to bf16 under autocast).
 
 The backward writes per-program partial sums of the parameter gradients (summed here), not
@@ -29,7 +30,11 @@ import triton.language as tl
 
 @triton.jit
 def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """tanh in fp32: 2 sigmoid(2x) - 1 loses relative precision near 0 (7e-3 at |x| = 1e-5, where
+    the dynamic weights start), so a Taylor polynomial there (its error < 1e-10 below 0.05)."""
+    x2 = x * x
+    return tl.where(tl.abs(x) < 0.05, x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0))),
+                    2.0 * tl.sigmoid(2.0 * x) - 1.0)
 
 
 @triton.jit
@@ -104,7 +109,7 @@ def _hc_fwd(h_ptr, y_ptr, w_ptr, a0_ptr, b0_ptr, sa_ptr, sb_ptr, out_ptr, r_ptr,
             sb = tl.load(sb_ptr).to(tl.float32)
     a, beta, th = _coefficients(q, r, a0_ptr, b0_ptr, sa, sb, u, o, k, N, OUT, DYN, HAS_Y)
     om = (o[None, :, None] < OUT) & tm[:, None, None]
-    for d0 in range(0, D, BD):   # pass 2: the mix (the block's streams are in L2 by now)
+    for d0 in range(0, D, BD):   # pass 2: the mix (the block's streams should still be in L2)
         acc = tl.zeros((BT, OP, BD), tl.float32)
         for i in tl.static_range(N):
             acc += _pick(a, u3, i, 1)[:, :, None] * _row(h_ptr, t64, tm, dd, d0, i, N, D)[:, None, :]
@@ -188,7 +193,7 @@ def _bwd_dh(g_ptr, h_ptr, w_ptr, acc_ptr, dh_ptr, dw_row, a, dq, c, t64, tm, u, 
                      dx.to(dh_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
         if DYN:
             wp = dw_row + k[:, None] * D + d0 + dd[None, :]
-            tl.store(wp, tl.load(wp) + dwc, mask=dm[None, :])
+            tl.store(wp, tl.load(wp, mask=dm[None, :], other=0.0) + dwc, mask=dm[None, :])
 
 
 @triton.jit
@@ -275,8 +280,9 @@ def hc_mix(h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor]
     r = h.new_empty((n_tok, n) if w is not None else (0, n), dtype=torch.float32)
     q = h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32)
     grid = (triton.cdiv(n_tok, meta["BT"]),)
-    _hc_fwd[grid](h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
-                  _or_dummy(sb, h), out, r, q, n_tok, eps, num_warps=TUNE["warps_fwd"], **meta)
+    if n_tok:
+        _hc_fwd[grid](h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
+                      _or_dummy(sb, h), out, r, q, n_tok, eps, num_warps=TUNE["warps_fwd"], **meta)
     return out, r, q
 
 
@@ -302,7 +308,7 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
     acc (h's shape), where given, is added to dh."""
     meta = _meta(h, y, w, a0)
     n_tok = h.shape[0]
-    tpp = min(TPP, triton.cdiv(n_tok, meta["BT"]))
+    tpp = max(1, min(TPP, triton.cdiv(n_tok, meta["BT"])))   # >= 1: an empty batch has 0 programs
     progs = triton.cdiv(n_tok, meta["BT"] * tpp)
     dh = torch.empty_like(h)
     dy = torch.empty_like(y) if y is not None else h.new_empty(0)
@@ -311,14 +317,16 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
     da0 = torch.empty((progs, meta["NP"], meta["OP"]), **f32)
     db0 = torch.empty((progs, meta["OP"]), **f32)
     ds = torch.empty((progs, 2), **f32)
-    _hc_bwd[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
-                      _or_dummy(sa, h), _or_dummy(sb, h), r, q, _or_dummy(acc, h), dh,
-                      dy if y is not None else h.new_empty(1), dw, da0, db0, ds, n_tok,
-                      ACC=acc is not None, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
+    if progs:
+        _hc_bwd[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
+                          _or_dummy(sa, h), _or_dummy(sb, h), r, q, _or_dummy(acc, h), dh,
+                          dy if y is not None else h.new_empty(1), dw, da0, db0, ds, n_tok,
+                          ACC=acc is not None, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
     n, out = h.shape[1], a0.shape[1]
     dw = dw.sum(0)[: w.shape[1]].t().contiguous().to(w.dtype) if w is not None else h.new_empty(0)
     db0 = db0.sum(0)[:out].to(b0.dtype) if b0 is not None else h.new_empty(0)
-    return dh, dy, dw, da0.sum(0)[:n, :out].to(a0.dtype), db0, ds.sum(0)
+    # contiguous: the padded buffers' slices have other strides than register_fake's empty_like
+    return dh, dy, dw, da0.sum(0)[:n, :out].contiguous().to(a0.dtype), db0, ds.sum(0)
 
 
 @hc_mix_backward.register_fake
@@ -368,7 +376,7 @@ class _Read(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_streams):
         hf, a_m, w_m, s_alpha, r, q = ctx.saved_tensors
-        g = torch.zeros_like(hf[:, :1]) if g is None else g.reshape(hf.shape[0], 1, -1)
+        g = torch.zeros_like(hf[:, :1]) if g is None else g.reshape(hf.shape[0], 1, hf.shape[2])
         acc = None if g_streams is None else _flat(g_streams)
         dh, _, dw, da0, _, ds = hc_mix_backward(g.contiguous(), hf, None, w_m, a_m, None, s_alpha,
                                                 None, r, q, acc)
@@ -379,7 +387,8 @@ class _Read(torch.autograd.Function):
 def read(h, a_m, w_m=None, s_alpha=None, eps: float = 1e-6):
     """hc_read: (..., n, d) streams -> ((..., d) fp32 h_in, the streams as a view for the write
     of the same sublayer); static when w_m is None."""
-    return _Read.apply(h, a_m, w_m, s_alpha if w_m is not None else None, eps)
+    return _Read.apply(h, a_m.contiguous(), w_m.contiguous() if w_m is not None else None,
+                       s_alpha if w_m is not None else None, eps)
 
 
 def write(h, y, a_r, beta, w_r=None, w_beta=None, s_alpha=None, s_beta=None,
@@ -387,6 +396,7 @@ def write(h, y, a_r, beta, w_r=None, w_beta=None, s_alpha=None, s_beta=None,
     """hc_write: H' = A_r^T H + beta y of (..., n, d) streams and (..., d) y, fp32; static when
     w_r is None."""
     w = torch.cat([w_r, w_beta], 1) if w_r is not None else None
-    out, _, _ = hc_mix(_flat(h), y.reshape(-1, y.shape[-1]).contiguous(), w, a_r, beta.reshape(-1),
+    out, _, _ = hc_mix(_flat(h), y.reshape(-1, y.shape[-1]).contiguous(), w, a_r.contiguous(),
+                       beta.reshape(-1).contiguous(),
                        s_alpha if w is not None else None, s_beta if w is not None else None, eps)
     return out.view(h.shape)

@@ -36,21 +36,25 @@ def pair(kind: str, mode: str, n: int, d: int):
 
 
 @pytest.mark.parametrize("kind", ["hc_read", "hc_write"])
-@pytest.mark.parametrize("mode, n, d", [("dynamic", 4, 40), ("dynamic", 3, 130), ("dynamic", 1, 16),
-                                        ("static", 4, 40), ("static", 2, 130)])
-def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, n, d):
+@pytest.mark.parametrize("mode, n, d, dtype", [
+    ("dynamic", 4, 40, torch.float32), ("dynamic", 3, 130, torch.float32),
+    ("dynamic", 1, 16, torch.float32), ("static", 4, 40, torch.float32),
+    ("static", 2, 130, torch.float32), ("dynamic", 4, 40, torch.bfloat16)])
+def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, n, d, dtype):
     """10 tokens (not a multiple of a token block), d = 130 spans two chunks of 128, n = 3 pads
-    the streams to 4: every mask of the kernels is crossed."""
+    the streams to 4: every mask of the kernels is crossed. bf16 streams and y: the kernels
+    compute in fp32, as the twin does from them; the gradients of h and y come back in bf16."""
     fused, twin = pair(kind, mode, n, d)
     g = torch.Generator().manual_seed(1)
-    h = torch.randn(2, 5, n, d, generator=g).to(DEV).requires_grad_()
-    y = torch.randn(2, 5, d, generator=g).to(DEV).requires_grad_()
+    h = torch.randn(2, 5, n, d, generator=g).to(DEV, dtype).requires_grad_()
+    y = torch.randn(2, 5, d, generator=g).to(DEV, dtype).requires_grad_()
+    tol = FP32 if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     args = (h, y) if kind == "hc_write" else (h,)
     # hc_read also gives the streams (for its write): a gradient into them is added to h's
     outs_f, outs_t = (m(*args) for m in (fused, twin))
     outs_f, outs_t = (o if isinstance(o, tuple) else (o,) for o in (outs_f, outs_t))
     for a, b in zip(outs_f, outs_t, strict=True):
-        torch.testing.assert_close(a, b, **FP32)
+        torch.testing.assert_close(a, b, **tol)
         assert a.dtype == b.dtype and a.shape == b.shape
     gouts = [torch.randn(o.shape, generator=g).to(DEV) for o in outs_t]
     wrt_f, wrt_t = [*args, *fused.parameters()], [*args, *twin.parameters()]
@@ -59,7 +63,48 @@ def test_fused_connection_equals_the_torch_block_with_its_gradients(kind, mode, 
     grads_t = torch.autograd.grad(outs_t, wrt_t, gouts)
     for name, a, b in zip(names, grads_f, grads_t):
         assert b.abs().sum() > 0, name   # every gradient is exercised
-        torch.testing.assert_close(a, b, **FP32, msg=name)
+        assert a.dtype == b.dtype, name
+        scale = max(1.0, b.abs().max().item())   # bf16: one rounding of the largest entry
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+
+
+def test_the_custom_ops_pass_opcheck_with_padded_streams():
+    """torch.library.opcheck: schema, autograd registration, and fake tensors (what
+    torch.compile plans with) giving the real outputs' shapes and strides, at n = 3 (padded to 4
+    inside: the parameter gradients are slices of padded buffers) and with the read's acc."""
+    from blocks import hyper_kernels as hk
+    g = torch.Generator().manual_seed(2)
+    n, d, tokens = 3, 20, 7
+
+    def rand(*shape, grad=True):
+        return torch.randn(shape, generator=g).to(DEV).requires_grad_(grad)
+    h, y, w, a0, b0 = rand(tokens, n, d), rand(tokens, d), rand(d, n + 1), rand(n, n), rand(n)
+    sa, sb = rand(), rand()
+    torch.library.opcheck(hk.hc_mix, (h, y, w, a0, b0, sa, sb, 1e-6))
+    out, r, q = hk.hc_mix(h, y, w, a0, b0, sa, sb, 1e-6)
+    plain = [t.detach() for t in (h, y, w, a0, b0, sa, sb)]
+    only = ("test_schema", "test_faketensor")   # the backward op has no autograd of its own
+    torch.library.opcheck(hk.hc_mix_backward, (rand(*out.shape, grad=False), *plain, r, q, None),
+                          test_utils=only)
+    read_out, r, q = hk.hc_mix(h, None, w[:, :1], a0[:, :1], None, sa, None, 1e-6)
+    torch.library.opcheck(hk.hc_mix_backward, (rand(*read_out.shape, grad=False), plain[0], None,
+                                               plain[2][:, :1].contiguous(),
+                                               plain[3][:, :1].contiguous(), None, plain[5], None,
+                                               r, q, rand(tokens, n, d, grad=False)),
+                          test_utils=only)
+
+
+@pytest.mark.parametrize("kind", ["hc_read", "hc_write"])
+def test_an_empty_batch_gives_empty_outputs_and_gradients(kind):
+    fused, twin = pair(kind, "dynamic", 4, 8)
+    h = torch.randn(0, 3, 4, 8, device=DEV, requires_grad=True)
+    args = (h, torch.randn(0, 3, 8, device=DEV, requires_grad=True)) if kind == "hc_write" else (h,)
+    out = fused(*args)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (twin(*args)[0] if kind == "hc_read" else twin(*args)).shape
+    out.sum().backward()
+    assert h.grad.shape == h.shape
+    assert all(p.grad is not None and not p.grad.any() for p in fused.parameters())
 
 
 def twins(mode: str, impls=("triton", "torch")):
@@ -119,23 +164,33 @@ def test_impl_triton_refuses_float64_rather_than_rounding_it():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_compiled_bf16_model_with_fused_connections_matches_the_torch_model(mode):
-    """Inside torch.compile (the ops are opaque custom ops) under bf16 autocast, with a bf16 y:
-    the loss and the connections' gradients against the eager torch connections."""
-    models = twins(mode)
+def test_compiled_bf16_model_with_fused_connections_is_as_accurate_as_the_torch_model(mode):
+    """Compiled (the ops are opaque custom ops) under bf16 autocast, with a bf16 y: the loss is
+    the eager torch model's, and the connections' gradients are as close to the fp32 model's as
+    the torch connections' own bf16 gradients are (x1.5), or within 2%: over all of them, and
+    the median parameter's. Per parameter, or against the bf16 twin alone, it would be noise:
+    small gradients that cancel are far off in bf16 on either side (CPU, bf16 autocast: one
+    s_beta 4.8% against the twin's 2.3%, one s_alpha 0.24 against 2.3; over all: 0.7% / 4.4%)."""
+    fused, eager = twins(mode)
+    ref = twins(mode, ("torch", "torch"))[0]   # the same weights, kept in fp32 below
     idx, tgt = (t.to(DEV) for t in batch(2))
     with torch.autocast("cuda", torch.bfloat16):
-        fused = torch.compile(models[0])(idx, tgt)[1]
-        eager = models[1](idx, tgt)[1]
-    torch.testing.assert_close(fused, eager, rtol=2e-2, atol=2e-2)
-    fused.backward()
-    eager.backward()
-    own = dict(models[1].named_parameters())
-    for name, p in models[0].named_parameters():
-        if "_read" in name or "_write" in name:
-            rel = (p.grad - own[name].grad).norm() / own[name].grad.norm().clamp_min(1e-12)
-            assert rel < 5e-2, (name, rel.item())
+        loss_f = torch.compile(fused)(idx, tgt)[1]
+        loss_e = eager(idx, tgt)[1]
+    torch.testing.assert_close(loss_f, loss_e, rtol=2e-2, atol=2e-2)
+    for m, loss in ((fused, loss_f), (eager, loss_e), (ref, ref(idx, tgt)[1])):
+        loss.backward()
+    want = dict(ref.named_parameters())
+    names = [n for n in want if "_read" in n or "_write" in n]
 
+    def errors(m):
+        got = dict(m.named_parameters())
+        diff = [(got[n].grad - want[n].grad).norm() for n in names]
+        every = (sum(x ** 2 for x in diff) / sum(want[n].grad.norm() ** 2 for n in names)).sqrt()
+        one = torch.stack([x / want[n].grad.norm().clamp_min(1e-12) for x, n in zip(diff, names)])
+        return every.item(), one.median().item()
+    for err, err_twin in zip(errors(fused), errors(eager)):
+        assert err <= max(1.5 * err_twin, 0.02), (err, err_twin)
 
 
 COMPILE = r'''
