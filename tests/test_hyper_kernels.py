@@ -197,16 +197,16 @@ COMPILE = r'''
 import torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from blocks import hyper_kernels as hk
+from blocks import hyper_kernels as hk, hyper_triton as ht
 n, d = 4, 768
 for kind in ("hc_read", "hc_write"):
     for dyn in (True, False):
-        for fn in (hk._hc_fwd, hk._hc_bwd):
+        for fn in (ht.fwd_kernel, ht.bwd_kernel):
             h, a0 = torch.empty(16, n, d), torch.empty(n, 1 if kind == "hc_read" else n)
             w = torch.empty(d, 1 if kind == "hc_read" else n + 1) if dyn else None
             y = torch.empty(16, d) if kind == "hc_write" else None
             meta = hk._meta(h, y, w, a0) | ({"TPP": hk.TPP, "ACC": kind == "hc_read"}
-                                            if fn is hk._hc_bwd else {})
+                                            if fn is ht.bwd_kernel else {})
             sig = {a: "constexpr" if a in meta else "i32" if a == "n_tok" else "fp32" if a == "eps"
                    else "*bf16" if a in ("y_ptr", "dy_ptr") else "*fp32" for a in fn.arg_names}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta),
