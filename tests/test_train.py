@@ -27,12 +27,20 @@ def env_for(tmp: Path) -> dict:
     return env
 
 
+def _sigint_as_in_a_terminal():
+    """A shell's background job (a CI run started with `&`) ignores SIGINT, and Python keeps an
+    inherited SIG_IGN instead of raising KeyboardInterrupt: the test's Ctrl-C then never reached
+    the run, which trained on (it hung twice in CI, 2026-12-07). The child gets the default back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train(tmp: Path, *args, wait=True, env=None):
     cmd = [sys.executable, "-m", "search.train", GPT2, "--size", "tiny", "--no-progress", *args]
     env = {**env_for(tmp), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_sigint_as_in_a_terminal)
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -136,8 +144,7 @@ def test_ctrl_c_ends_cleanly_with_a_final_checkpoint(tmp_path):
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        # seen once in CI (2026-12-07) and not reproduced in 20 tries: SIGABRT makes the
-        # faulthandler print every thread's stack, so a next time says where it hung
+        # SIGABRT makes the faulthandler print every thread's stack: where it hung
         proc.send_signal(signal.SIGABRT)
         out, _ = proc.communicate(timeout=60)
         pytest.fail(f"no exit 120 s after Ctrl-C; the stacks then:\n{out[-6000:]}")
