@@ -33,7 +33,7 @@ MODES = ("static", "dynamic", "mhc")
 # converges at the rate of the second eigenvalue, and near a permutation 20 iterations leave
 # row sums ~1e-3 off; from here they reach 1 to fp32 precision (tests/test_hyper.py).
 MHC_PRE_LOGIT, MHC_RES_LOGIT = 2.0, 1.0
-MAX_FUSED_STREAMS = 16   # impl triton unrolls its kernels over the streams (hyper_kernels.MAX_STREAMS)
+MAX_FUSED_STREAMS = 16   # impl triton: its kernels (blocks/hyper_triton.py) unroll over the streams
 IMPLS = (*liger.IMPLS, "triton")
 IMPL_DOC = ("mode mhc's " + liger.IMPL_DOC + "; liger needs a power-of-two number of streams "
             "(static and dynamic have no Liger op: torch or auto); triton: our fused kernels "

@@ -57,23 +57,26 @@ def hc_mix(h: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor]
            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [N, OUT, d] fp32, 1/rms [N, n], projections [N, n, K]) of contiguous h [N, n, d]."""
     meta = _meta(h, y, w, a0)
-    n_tok, n = h.shape[0], h.shape[1]
-    out = h.new_empty((n_tok, a0.shape[1], h.shape[2]), dtype=torch.float32)
-    r = h.new_empty((n_tok, n) if w is not None else (0, n), dtype=torch.float32)
-    q = h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32)
-    grid = (triton.cdiv(n_tok, meta["BT"]),)
+    out, r, q = _mix_outputs(h, w, a0)
+    n_tok = h.shape[0]
     if n_tok:
-        fwd_kernel[grid](h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
-                      _or_dummy(sb, h), out, r, q, n_tok, eps, num_warps=TUNE["warps_fwd"], **meta)
+        fwd_kernel[(triton.cdiv(n_tok, meta["BT"]),)](
+            h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h), _or_dummy(sa, h),
+            _or_dummy(sb, h), out, r, q, n_tok, eps, num_warps=TUNE["warps_fwd"], **meta)
     return out, r, q
 
 
-@hc_mix.register_fake
-def _(h, y, w, a0, b0, sa, sb, eps):
+def _mix_outputs(h, w, a0):
+    """hc_mix's empty outputs, for the op and its fake alike (static: no 1/rms, no projections)."""
     n_tok, n = h.shape[0], h.shape[1]
     return (h.new_empty((n_tok, a0.shape[1], h.shape[2]), dtype=torch.float32),
             h.new_empty((n_tok, n) if w is not None else (0, n), dtype=torch.float32),
             h.new_empty((n_tok, n, w.shape[1]) if w is not None else (0, n, 1), dtype=torch.float32))
+
+
+@hc_mix.register_fake
+def _(h, y, w, a0, b0, sa, sb, eps):
+    return _mix_outputs(h, w, a0)
 
 
 TPP = 16   # token blocks per backward program: fewer, larger partial sums of the weights' gradient
@@ -101,9 +104,9 @@ def hc_mix_backward(g: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
     ds = torch.empty((progs, 2), **f32)
     if progs:
         bwd_kernel[(progs,)](g, h, _or_dummy(y, h), _or_dummy(w, h), a0, _or_dummy(b0, h),
-                          _or_dummy(sa, h), _or_dummy(sb, h), r, q, _or_dummy(acc, h), dh,
-                          dy if y is not None else h.new_empty(1), dw, da0, db0, ds, n_tok,
-                          ACC=acc is not None, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
+                             _or_dummy(sa, h), _or_dummy(sb, h), r, q, _or_dummy(acc, h), dh,
+                             dy if y is not None else h.new_empty(1), dw, da0, db0, ds, n_tok,
+                             ACC=acc is not None, TPP=tpp, num_warps=TUNE["warps_bwd"], **meta)
     n, out = h.shape[1], a0.shape[1]
     dw = dw.sum(0)[: w.shape[1]].t().contiguous().to(w.dtype) if w is not None else h.new_empty(0)
     db0 = db0.sum(0)[:out].to(b0.dtype) if b0 is not None else h.new_empty(0)
@@ -127,10 +130,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g, _gr, _gq):
     h, y, w, a0, b0, sa, sb, r, q = ctx.saved_tensors
     dh, dy, dw, da0, db0, ds = hc_mix_backward(g.contiguous(), h, y, w, a0, b0, sa, sb, r, q)
-    keep = lambda t, grad: grad if t is not None else None  # noqa: E731
-    return (dh, keep(y, dy), keep(w, dw), da0, keep(b0, db0),
-            keep(sa, ds[0].to(sa.dtype) if sa is not None else None),
-            keep(sb, ds[1].to(sb.dtype) if sb is not None else None), None)
+    return (dh, dy if y is not None else None, dw if w is not None else None, da0,
+            db0 if b0 is not None else None, ds[0].to(sa.dtype) if sa is not None else None,
+            ds[1].to(sb.dtype) if sb is not None else None, None)
 
 
 hc_mix.register_autograd(_backward, setup_context=_setup)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# Without a GPU, Triton kernels of our own (blocks/hyper_kernels.py) run in Triton's CPU
+# Without a GPU, Triton kernels of our own (blocks/hyper_triton.py) run in Triton's CPU
 # interpreter: it is chosen when a kernel is decorated, so it is set before any test imports one.
 if "TRITON_INTERPRET" not in os.environ:
     import torch

@@ -21,6 +21,11 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
+def first(out):
+    """hc_read gives (h_in, the streams for its write): h_in; hc_write gives H'."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def pair(kind: str, mode: str, n: int, d: int):
     """The block of `kind` with impl triton and its torch twin, sharing perturbed parameters."""
     cls = blocks.get(kind)
@@ -99,9 +104,8 @@ def test_an_empty_batch_gives_empty_outputs_and_gradients(kind):
     fused, twin = pair(kind, "dynamic", 4, 8)
     h = torch.randn(0, 3, 4, 8, device=DEV, requires_grad=True)
     args = (h, torch.randn(0, 3, 8, device=DEV, requires_grad=True)) if kind == "hc_write" else (h,)
-    out = fused(*args)
-    out = out[0] if isinstance(out, tuple) else out
-    assert out.shape == (twin(*args)[0] if kind == "hc_read" else twin(*args)).shape
+    out = first(fused(*args))
+    assert out.shape == first(twin(*args)).shape
     out.sum().backward()
     assert h.grad.shape == h.shape
     assert all(p.grad is not None and not p.grad.any() for p in fused.parameters())
@@ -278,7 +282,7 @@ def test_scale_gradients_stay_exact_with_the_dynamic_weights_near_zero(kind):
     args = (h, torch.randn(2, 5, 40, generator=g).to(DEV)) if kind == "hc_write" else (h,)
     for m in (fused, twin):
         out = m(*args)
-        (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+        first(out).square().sum().backward()
     for name, p in twin.named_parameters():
         if name.startswith("s_"):
             torch.testing.assert_close(dict(fused.named_parameters())[name].grad, p.grad,
