@@ -24,8 +24,9 @@ git log -1 --format='git %h %s' 2>/dev/null | cut -c1-80
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date -u +%H:%M:%S))"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  grep -E '^\||^row |^[0-9]+ (passed|failed)|passed|failed|Error' "$OUT/$name.log" | grep -v '^E ' | tail -40
+  mkdir -p /tmp/logs; timeout "$limit" "$@" > "/tmp/logs/$name.log" 2>&1; local rc=$?
+  grep -E '^\||^row |^[0-9]+ (passed|failed)|passed|failed|Error' "/tmp/logs/$name.log" | grep -v '^E ' | tail -40
+  tar czf "$OUT/logs.tgz" -C /tmp/logs .   # one file for every log: at most 8 files come back
   echo "== $name rc=$rc ($(date -u +%H:%M:%S))"
 }
 for s in "$@"; do
@@ -66,13 +67,14 @@ for s in "$@"; do
         "$PWD_REPO/graphs/gpt2.yaml" "$PWD_REPO/graphs/llama.yaml" $STUDY_ARGS \
         > /tmp/study/study.log 2>&1 < /dev/null &)
       sleep 2; echo "== study started $(date -u +%H:%M:%S), pid $(cat /tmp/study/pid): $STUDY_ARGS" ;;
-    poll*)  # poll<SECONDS>: wait for the detached study (at most SECONDS), then bring back its state
-      secs=${s#poll}; end=$((SECONDS + ${secs:-540}))
+    poll*|until*)  # poll<SECONDS>: wait for the detached study (at most SECONDS), then bring back its state;
+      # until<SECONDS>: the same, up to SECONDS after this script began (a call's limit is fixed)
+      case $s in poll*) end=$((SECONDS + ${s#poll})) ;; *) end=${s#until} ;; esac
       while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; do
-        sleep 10; cp /tmp/study/study.log "$OUT/study.log" 2>/dev/null
+        sleep 5; cp /tmp/study/study.log "$OUT/study.log" 2>/dev/null
       done
       kill -0 "$(cat /tmp/study/pid)" 2>/dev/null && echo "== study still running" || echo "== study ended"
-      for f in study.log optuna.db mlflow.db; do cp "/tmp/study/$f" "$OUT/" 2>/dev/null; done
+      for f in study.log optuna.db; do cp "/tmp/study/$f" "$OUT/" 2>/dev/null; done
       cp -r /tmp/study/studies "$OUT/" 2>/dev/null; tail -40 /tmp/study/study.log ;;
     *) echo "unknown stage $s" ;;
   esac
