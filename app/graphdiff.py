@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from graphs.elaborate import Group, Plan
+from graphs.plan import Group, Plan
 
 KEEP = ("tokens", "targets", "bytes")  # graph inputs: the same name in every graph
 

@@ -7,6 +7,7 @@ builds them. May import `blocks`; never `search` or `app`.
     model = graphs.build(plan)                         # nn.Module; compile separately
 """
 from graphs.build import GraphModel, build  # noqa: F401
-from graphs.elaborate import Plan, elaborate  # noqa: F401
+from graphs.elaborate import elaborate  # noqa: F401
+from graphs.plan import Plan  # noqa: F401
 from graphs.errors import GraphError  # noqa: F401
 from graphs.graph import Graph, load, loads  # noqa: F401

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from blocks.registry import config_fields
-from graphs.elaborate import Group, Plan, Ref, Step
+from graphs.plan import Group, Plan, Ref, Step
 
 
 def _make(step: Step) -> nn.Module:

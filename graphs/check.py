@@ -11,7 +11,8 @@ import sys
 from dataclasses import dataclass
 
 from graphs.cost import BYTES_PER_PARAM, FLOPS_FORMULA, Cost, analyse
-from graphs.elaborate import Plan, elaborate
+from graphs.elaborate import elaborate
+from graphs.plan import Plan
 from graphs.errors import GraphError, Problem
 from graphs.graph import Graph, load
 

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blocks.kinds import Kind
 from graphs.build import GraphModel, build
-from graphs.elaborate import Plan
+from graphs.plan import Plan
 
 MAX_PARAMS = 1e12          # 16 TB of fp32 weights, grads and AdamW moments: no machine trains this
 MAX_ACT_BYTES = 1e12       # activations of a single sequence

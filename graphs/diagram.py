@@ -11,7 +11,8 @@ import sys
 
 from blocks.kinds import Kind
 from blocks.registry import config_fields
-from graphs.elaborate import Group, Plan, elaborate
+from graphs.elaborate import elaborate
+from graphs.plan import Group, Plan
 from graphs.graph import load
 
 

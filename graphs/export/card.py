@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from graphs.elaborate import Plan
+from graphs.plan import Plan
 
 METRICS = (("status", "status"), ("val_loss", "validation loss"), ("val_bpb", "validation bits per byte"),
            ("tokens", "training tokens"), ("step", "optimizer steps"), ("train_s", "training seconds"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from blocks.attention import variants
-from graphs.elaborate import Group, Plan, Ref, Step
+from graphs.plan import Group, Plan, Ref, Step
 from graphs.export import ExportError, target
 from graphs.hf import gpt2_from_hf, llama_from_hf
 

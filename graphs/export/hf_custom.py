@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graphs.elaborate import Plan
+from graphs.plan import Plan
 from graphs.export import ExportError, target
 
 MODELING = "modeling_playground.py"

@@ -13,7 +13,7 @@ from torch import nn
 from torch.export import Dim
 
 from graphs.build import build
-from graphs.elaborate import Plan
+from graphs.plan import Plan
 from graphs.export import target
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from graphs.elaborate import Group, Plan, Ref, Step
+from graphs.plan import Group, Plan, Ref, Step
 from graphs.export import ExportError, card, sample, target
 from graphs.export.templates import constructor, parts_source, template
 

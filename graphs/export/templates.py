@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocks.attention import variants
-from graphs.elaborate import Step
+from graphs.plan import Step
 from graphs.export import ExportError, parts
 
 
