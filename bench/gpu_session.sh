@@ -36,6 +36,8 @@ for s in "$@"; do
       stage hyper 300 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
         --baseline llama --models llama,hyper,hyper+hc_impl=triton \
         --together --write "$OUT/hyper.md" ;;
+    kernels-gpu) # issue 10 when device time is short: the fused kernels' GPU tests alone (compiled bf16 models)
+      stage kernels-gpu 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_hyper_kernels.py ;;
     kernels) # issue 10: the fused kernels compiled for the GPU, every test of theirs (parity on CUDA)
       stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_hyper_kernels.py
       stage hc-ops 240 python3 -m bench.hc_kernels ;;
