@@ -74,9 +74,12 @@ for s in "$@"; do
       case $s in poll*) end=$((SECONDS + ${s#poll})) ;; *) end=${s#until} ;; esac
       while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; do
         sleep 5; cp /tmp/study/study.log "$OUT/study.log" 2>/dev/null
+        # a consistent copy of the live study now and then, in case the call is cut
+        [ $((SECONDS % 60)) -lt 5 ] && python3 -c "import sqlite3; sqlite3.connect('/tmp/study/optuna.db').backup(sqlite3.connect('$OUT/optuna.db'))" 2>/dev/null
       done
       kill -0 "$(cat /tmp/study/pid)" 2>/dev/null && echo "== study still running" || echo "== study ended"
-      for f in study.log optuna.db; do cp "/tmp/study/$f" "$OUT/" 2>/dev/null; done
+      cp /tmp/study/study.log "$OUT/" 2>/dev/null
+      python3 -c "import sqlite3; sqlite3.connect('/tmp/study/optuna.db').backup(sqlite3.connect('$OUT/optuna.db'))" 2>/dev/null
       cp -r /tmp/study/studies "$OUT/" 2>/dev/null; tail -40 /tmp/study/study.log ;;
     *) echo "unknown stage $s" ;;
   esac
