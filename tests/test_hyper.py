@@ -163,7 +163,7 @@ def perturb(m: torch.nn.Module, seed=0, std=1.0):
         for _, blk in m.blocks() if hasattr(m, "blocks") else [("", m)]:
             if blk.type_name in ("hc_read", "hc_write"):
                 for p in blk.parameters():
-                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
 
 def test_mhc_residual_matrices_are_doubly_stochastic_and_gates_bounded():
