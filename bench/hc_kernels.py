@@ -17,9 +17,13 @@ from blocks.kinds import hidden, streams
 from blocks.registry import Context
 
 HBM = 3.35e12   # H100 SXM's HBM3 bandwidth, bytes/s
+# The first four were timed in run 10 (docs/benchmarks.md); the last three put every warp along
+# d, so that no reduction over the streams crosses warps (python -m bench.hc_sass: no barriers
+# with one warp), untimed yet.
 SETTINGS = [dict(tile=t, chunk=c, warps_fwd=wf, warps_bwd=wb)
             for t, c, wf, wb in [(1024, 128, 4, 4), (1024, 128, 4, 8), (512, 128, 4, 4),
-                                 (2048, 256, 8, 8)]]
+                                 (2048, 256, 8, 8), (512, 128, 1, 1), (1024, 256, 2, 2),
+                                 (2048, 512, 4, 4)]]
 
 
 def block(kind: str, mode: str, impl: str, n: int, d: int) -> torch.nn.Module:
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
     n, d, t = a.streams, a.dim, a.tokens
     print(f"## one connection, {t} tokens, n = {n}, d = {d}, fp32 streams, bf16 y "
           f"(`{torch.cuda.get_device_name()}`)")
-    print("| connection | impl | settings | ms (fwd + bwd) | share of the HBM floor | error |\n|---|---|---|---|---|---|")
+    print("| connection | impl | settings | ms (fwd + bwd) | ms (fwd) | share of the HBM floor "
+          "| error |\n|---|---|---|---|---|---|---|")
     for kind, mode in itertools.product(("hc_read", "hc_write"), ("dynamic", "static")):
         h = torch.randn(t, 1, n, d, device="cuda", requires_grad=True)
         args = (h, torch.randn(t, 1, d, device="cuda", dtype=torch.bfloat16,
@@ -92,18 +97,21 @@ def main(argv=None) -> int:
         floor = floor_bytes(kind, t, n, d) / HBM * 1e3
         twin = torch.compile(block(kind, mode, "torch", n, d))
         grad = torch.randn_like(first(twin(*args)))
-        ms = time_ms(lambda: step(twin, args, grad))
-        print(f"| {kind} {mode} | torch (compiled) | - | {ms:.3f} | {floor / ms:.0%} | - |")
+        ms, fwd = time_ms(lambda: step(twin, args, grad)), time_ms(lambda: first(twin(*args)))
+        print(f"| {kind} {mode} | torch (compiled) | - | {ms:.3f} | {fwd:.3f} | {floor / ms:.0%} "
+              "| - |")
         fused, eager = block(kind, mode, "triton", n, d), block(kind, mode, "torch", n, d)
         for s in SETTINGS:
             hk.TUNE.update(s)
             try:
                 ms = time_ms(lambda: step(fused, args, grad))
+                fwd = time_ms(lambda: first(fused(*args)))
                 err = error(fused, eager, args, grad)
             except Exception as e:   # a setting the compiler refuses (registers, shared memory)
-                print(f"| {kind} {mode} | triton | {s} | failed: {type(e).__name__} | | |")
+                print(f"| {kind} {mode} | triton | {s} | failed: {type(e).__name__} | | | |")
                 continue
-            print(f"| {kind} {mode} | triton | {s} | {ms:.3f} | {floor / ms:.0%} | {err:.1e} |",
+            print(f"| {kind} {mode} | triton | {s} | {ms:.3f} | {fwd:.3f} | {floor / ms:.0%} "
+                  f"| {err:.1e} |",
                   flush=True)
     return 0
 

@@ -198,25 +198,13 @@ def test_compiled_bf16_model_with_fused_connections_is_as_accurate_as_the_torch_
 
 
 COMPILE = r'''
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from blocks import hyper_kernels as hk, hyper_triton as ht
-n, d = 4, 768
-for kind in ("hc_read", "hc_write"):
-    for dyn in (True, False):
-        for fn in (ht.fwd_kernel, ht.bwd_kernel):
-            h, a0 = torch.empty(16, n, d), torch.empty(n, 1 if kind == "hc_read" else n)
-            w = torch.empty(d, 1 if kind == "hc_read" else n + 1) if dyn else None
-            y = torch.empty(16, d) if kind == "hc_write" else None
-            meta = hk._meta(h, y, w, a0) | ({"TPP": hk.TPP, "ACC": kind == "hc_read"}
-                                            if fn is ht.bwd_kernel else {})
-            sig = {a: "constexpr" if a in meta else "i32" if a == "n_tok" else "fp32" if a == "eps"
-                   else "*bf16" if a in ("y_ptr", "dy_ptr") else "*fp32" for a in fn.arg_names}
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            assert "cubin" in k.asm and ".visible .entry" in k.asm["ptx"]
-            print("compiled", kind, dyn, fn.__name__, len(k.asm["cubin"]), "bytes")
+from bench.hc_sass import compile_sm90, usage, variants
+for name, fn, meta, warps in variants(4, 768):
+    k = compile_sm90(fn, meta, warps)
+    assert "cubin" in k.asm and ".visible .entry" in k.asm["ptx"]
+    u = usage(k.asm["cubin"])
+    assert u["regs"] > 0 and u["sass"] > 0, u
+    print("compiled", name, u)
 '''
 
 
@@ -224,12 +212,16 @@ def test_kernels_compile_for_the_h100_without_a_gpu(tmp_path):
     """The interpreter accepts code that Triton's compiler refuses (shapes, types, control flow):
     compile every kernel variant (read, write; static, dynamic; forward, backward) to an sm_90
     cubin, ptxas included, no GPU needed, at the 124M size's n = 4, d = 768, in a process
-    outside the interpreter and with an empty kernel cache."""
+    outside the interpreter and with an empty kernel cache; `python -m bench.hc_sass` reports
+    their registers and SASS, which this also runs (cuobjdump, nvdisasm)."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)   # this checkout's code, not an install's
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
-           "TRITON_DEFAULT_FP_FUSION": "1"}
+           "TRITON_DEFAULT_FP_FUSION": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True,
                          timeout=600, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.count("compiled") == 8, run.stderr[-3000:]
