@@ -64,10 +64,16 @@ for s in "$@"; do
       if [ -e /tmp/study/pid ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; then
         echo "== a study is still running (pid $(cat /tmp/study/pid)): poll it"; continue
       fi
-      mkdir -p /tmp/study && (cd /tmp/study && PYTHONPATH="$PWD_REPO${PYTHONPATH:+:$PYTHONPATH}" setsid nohup \
-        sh -c 'echo $$ > /tmp/study/pid; exec python3 -m search.run "$@"' study \
+      # The subshell execs setsid rather than waiting for it, and the study closes every inherited
+      # descriptor above 2: a bash that waited for the study held this script's output pipe (and
+      # whatever else it had open), so a pipeline (`| tee`) waited for the study too (tested
+      # here; run 10's first device call ran to its limit so).
+      mkdir -p /tmp/study
+      (cd /tmp/study && PYTHONPATH="$PWD_REPO${PYTHONPATH:+:$PYTHONPATH}" exec setsid nohup \
+        bash -c 'for f in /proc/$$/fd/*; do n=${f##*/}; if [ "$n" -gt 2 ] && [ -e "$f" ]; then eval "exec $n>&-"; fi; done
+          echo $$ > /tmp/study/pid; exec python3 -m search.run "$@"' study \
         "$PWD_REPO/graphs/gpt2.yaml" "$PWD_REPO/graphs/llama.yaml" $STUDY_ARGS \
-        > /tmp/study/study.log 2>&1 < /dev/null &)
+        > /tmp/study/study.log 2>&1 < /dev/null) &
       sleep 2; echo "== study started $(date -u +%H:%M:%S), pid $(cat /tmp/study/pid): $STUDY_ARGS" ;;
     poll*|until*)  # poll<SECONDS>: wait for the detached study (at most SECONDS), then bring back its state;
       # until<SECONDS>: the same, up to SECONDS after this script began (a call's limit is fixed)
