@@ -57,6 +57,8 @@ for s in "$@"; do
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
+    hc-profile) # issue 10: where DHC's step goes with the torch connections and with our kernels
+      stage hc-profile 200 python3 -m bench.profile_step hyper hyper+hc_impl=triton --batch 16 --top 30 ;;
     profile) stage profile 240 python3 -m bench.profile_step gpt2 ngpt hyper --batch 16 --top 30 ;;
     study)  # issue 5: the 20-minute study, detached so that it outlives this call; `poll` follows it.
       # The process writes its own pid: under the device's job control setsid forks, and $! would
