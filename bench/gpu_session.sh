@@ -29,6 +29,9 @@ stage() {  # name, seconds, command...
   tar czf "$OUT/logs.tgz" -C /tmp/logs .   # one file for every log: at most 8 files come back
   echo "== $name rc=$rc ($(date -u +%H:%M:%S))"
 }
+copy_db() {  # the study's optuna.db, consistent while the study writes it (SQLite's backup)
+  python3 -c "import sqlite3; sqlite3.connect('/tmp/study/optuna.db').backup(sqlite3.connect('$OUT/optuna.db'))" 2>/dev/null
+}
 for s in "$@"; do
   case $s in
     ops)    stage ops 120 python3 -m search.bench_ops --batch 16,32 --write "$OUT/ops.md" ;;
@@ -83,11 +86,11 @@ for s in "$@"; do
       while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/study/pid)" 2>/dev/null; do
         sleep 5; cp /tmp/study/study.log "$OUT/study.log" 2>/dev/null
         # a consistent copy of the live study now and then, in case the call is cut
-        [ $((SECONDS % 60)) -lt 5 ] && python3 -c "import sqlite3; sqlite3.connect('/tmp/study/optuna.db').backup(sqlite3.connect('$OUT/optuna.db'))" 2>/dev/null
+        [ $((SECONDS % 60)) -lt 5 ] && copy_db
       done
       kill -0 "$(cat /tmp/study/pid)" 2>/dev/null && echo "== study still running" || echo "== study ended"
       cp /tmp/study/study.log "$OUT/" 2>/dev/null
-      python3 -c "import sqlite3; sqlite3.connect('/tmp/study/optuna.db').backup(sqlite3.connect('$OUT/optuna.db'))" 2>/dev/null
+      copy_db
       cp -r /tmp/study/studies "$OUT/" 2>/dev/null; tail -40 /tmp/study/study.log ;;
     *) echo "unknown stage $s" ;;
   esac

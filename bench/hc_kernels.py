@@ -17,9 +17,9 @@ from blocks.kinds import hidden, streams
 from blocks.registry import Context
 
 HBM = 3.35e12   # H100 SXM's HBM3 bandwidth, bytes/s
-# The first four were timed in run 10 (docs/benchmarks.md); the last three put every warp along
-# d, so that no reduction over the streams crosses warps (python -m bench.hc_sass: no barriers
-# with one warp), untimed yet.
+# The first four were timed in run 10 (docs/benchmarks.md); the last three, untimed yet, have
+# fewer tokens or fewer warps a program (python -m bench.hc_sass: one warp leaves almost no
+# barriers).
 SETTINGS = [dict(tile=t, chunk=c, warps_fwd=wf, warps_bwd=wb)
             for t, c, wf, wb in [(1024, 128, 4, 4), (1024, 128, 4, 8), (512, 128, 4, 4),
                                  (2048, 256, 8, 8), (512, 128, 1, 1), (1024, 256, 2, 2),

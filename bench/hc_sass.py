@@ -33,7 +33,8 @@ COUNTED = ("BAR", "SHFL", "LDS", "STS", "LDG", "STG")
 
 
 def variants(n: int, d: int):
-    """(name, kernel, meta) for read and write, dynamic and static, forward and backward."""
+    """(name, kernel, meta, warps) for read and write, dynamic and static, forward and backward,
+    at the current TUNE."""
     for kind in ("hc_read", "hc_write"):
         for dyn in (True, False):
             h, a0 = torch.empty(16, n, d), torch.empty(n, 1 if kind == "hc_read" else n)
