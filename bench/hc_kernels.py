@@ -1,9 +1,9 @@
 """`python -m bench.hc_kernels [--tokens 16384] [--streams 4] [--dim 768]`: one hyper-connection
-(hc_read and hc_write, static and dynamic), forward + backward, as the compiled torch block and
-as our fused kernels (blocks/hyper_kernels.py) under several launch settings; ms per call and
-the share of the HBM floor (the bytes one fused pass per direction must move, at 3.35 TB/s).
-A table on stdout, with each setting's error against the eager torch block (y and dy are bf16:
-4e-3 is one bf16 rounding). GPU only."""
+(hc_read and hc_write, static and dynamic), forward + backward, as the compiled torch block and as
+our fused kernels (blocks/hyper_kernels.py) under several launch settings; ms per call (forward +
+backward, and the forward alone) and the share of the HBM floor (the bytes one fused pass per
+direction must move, at 3.35 TB/s). A table on stdout, with each setting's error against the eager
+torch block (y and dy are bf16: 4e-3 is one bf16 rounding). GPU only."""
 from __future__ import annotations
 
 import argparse
