@@ -4,8 +4,8 @@ and write, static and dynamic, forward and backward) compiled for sm_90 under th
 settings (hyper_kernels.TUNE), or with --all under each of bench/hc_kernels.py's; then ptxas's
 registers, spills and shared memory and the SASS's instruction counts. Barriers (BAR) and
 shared-memory traffic (LDS/STS) come from reductions and layout conversions across warps, shuffles
-(SHFL) from reductions across the threads of a warp: in these memory-bound kernels they are what keeps a program from
-streaming. A proxy, not a timing: bench/hc_kernels.py times them on a GPU.
+(SHFL) from reductions across the threads of a warp: in these memory-bound kernels they are what
+keeps a program from streaming. A proxy, not a timing: bench/hc_kernels.py times them on a GPU.
 
 Triton must compile outside its interpreter (TRITON_INTERPRET=0 is set here, before the import).
 """
