@@ -45,18 +45,44 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
         return super().set_trial_state_values(trial_id, state, values)
 
     def heartbeats(self, study_id: int) -> dict:
-        """trial id -> last heartbeat (the database's clock) of the study's running trials."""
+        """trial id -> last heartbeat (the database's clock) of the study's running trials; None
+        for one that has not beaten yet."""
         from optuna.storages._rdb import models
         session = self.scoped_session()
         try:
             rows = session.query(models.TrialModel.trial_id, models.TrialHeartbeatModel.heartbeat) \
-                .join(models.TrialHeartbeatModel,
-                      models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id) \
+                .outerjoin(models.TrialHeartbeatModel,
+                           models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id) \
                 .filter(models.TrialModel.study_id == study_id,
                         models.TrialModel.state == TrialState.RUNNING).all()
             return dict(rows)
         finally:
             session.close()
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials, and the running ones that never beat for longer than the grace
+        period. Optuna skips a trial without a heartbeat for good, but its worker may be killed
+        between the ask that makes the trial RUNNING and the heartbeat thread's first beat (a
+        beat can wait seconds for SQLite's write lock): that trial stayed RUNNING forever
+        (tests/test_crash.py, one CI run in five). Its start is the asking worker's clock."""
+        from datetime import datetime, timedelta
+
+        from optuna.storages._rdb import models
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = timedelta(seconds=self.grace_period if self.grace_period is not None
+                          else 2 * self.heartbeat_interval)
+        unbeaten = [t for t, beat in self.heartbeats(study_id).items() if beat is None]
+        if not unbeaten:
+            return stale
+        session = self.scoped_session()
+        try:
+            # the models' datetime_start is local time (Optuna 5 stores UTC behind a property)
+            starts = {t.trial_id: t.datetime_start for t in session.query(models.TrialModel)
+                      .filter(models.TrialModel.trial_id.in_(unbeaten)).all()}
+        finally:
+            session.close()
+        now = datetime.now()
+        return stale + [t for t, start in starts.items() if start is not None and now - start > grace]
 
 
 def settle_dead_trials(study) -> None:
@@ -74,7 +100,8 @@ def settle_dead_trials(study) -> None:
     deadline = time.monotonic() + storage.grace_period + storage.heartbeat_interval + 1
     while True:
         optuna.storages.fail_stale_trials(study)
-        silent = [t for t, beat in storage.heartbeats(study._study_id).items() if first.get(t) == beat]
+        silent = [t for t, beat in storage.heartbeats(study._study_id).items()
+                  if t in first and first[t] == beat]   # None == None: killed before its first beat
         if not silent or time.monotonic() > deadline:
             return
         time.sleep(0.5)

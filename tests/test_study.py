@@ -184,6 +184,33 @@ def test_a_dead_workers_trial_is_failed_when_the_command_ends_and_a_live_ones_is
         t.join()
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    """A kill -9 between the ask that makes a trial RUNNING and the heartbeat thread's first beat
+    left a trial without a heartbeat, which Optuna never counts as stale: it stayed RUNNING for
+    good (tests/test_crash.py failed so in one CI run). It is failed once its start is older than
+    the grace period, by the ending command and by a worker starting its next trial alike, and
+    retried once; a trial just asked for by a live worker is not."""
+    import time
+
+    from search.study_store import settle_dead_trials, storage
+    cfg = StudyConfig(files=[], study="s", storage=f"sqlite:///{tmp_path}/o.db", heartbeat_s=1)
+    study = optuna.create_study(study_name="s", storage=storage(cfg))
+    dead = study.ask()                               # killed before its heartbeat thread beat
+    t0 = time.monotonic()
+    settle_dead_trials(study)
+    waited = time.monotonic() - t0
+    states = {tr.number: tr.state.name for tr in study.get_trials()}
+    assert states[dead.number] == "FAIL", states
+    assert list(states.values()).count("WAITING") == 1, states    # its retry
+    assert 3 < waited < 3 + 2.5 + 1, waited                         # its grace period, no more
+    fresh = study.ask()                              # a live worker's, not beaten yet
+    optuna.storages.fail_stale_trials(study)         # what a worker does before its next trial
+    assert study._storage.get_trial(fresh._trial_id).state.name == "RUNNING"
+    time.sleep(3.2)
+    optuna.storages.fail_stale_trials(study)
+    assert study._storage.get_trial(fresh._trial_id).state.name == "FAIL"
+
+
 def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
     """Only the command that creates a study seeds its sampler: the same command run again (to
     resume, or in a second shell) drew the very trials the first had drawn, and trained a pruned
