@@ -105,6 +105,7 @@ class StoreLink:
         for attempt in range(attempts):
             try:
                 with _store_lock(self.tracking_uri):
+                    create_sqlite_store(self.tracking_uri)
                     client = self._mlflow["MlflowClient"](self._store_uri)
                     exp = client.get_experiment_by_name(self.experiment)
                     if exp is not None:
@@ -302,6 +303,43 @@ def truncate(value: str, limit: int) -> str:
 def sqlite_path(uri: str) -> Path | None:
     path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
     return None if path in ("", ":memory:") else Path(path)
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Make a SQLite store that does not exist yet whole or not at all: its tables are created
+    and migrated in a temporary file next to it, which then takes the store's name. MLflow does
+    this in place, in some forty migrations whose DDL SQLite does not roll back: a process killed
+    inside one (tests/test_crash.py kills a search at its start) left tables its version stamp
+    does not know of, and every later command failed ("table trace_metrics already exists").
+    Called under
+    `_store_lock`, so a temporary file left by a killed process is nobody's and is removed."""
+    db = sqlite_path(uri)
+    if db is None or db.exists():
+        return
+    from sqlalchemy import create_engine
+
+    try:
+        from mlflow.store.db.utils import _initialize_tables
+    except ImportError:   # moved in another MLflow: it creates the store in place, as before
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for old in db.parent.glob(f".{db.name}.*.creating"):
+        old.unlink(missing_ok=True)
+    tmp = db.parent / f".{db.name}.{os.getpid()}.creating"
+    engine = create_engine(f"sqlite:///{tmp}", connect_args={"timeout": SQLITE_TIMEOUT_S})
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    try:
+        os.link(tmp, db)   # not os.replace: a store made meanwhile by another program stays
+    except FileExistsError:
+        pass
+    except OSError:        # a file system without hard links
+        if not db.exists():
+            os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 
 import search.track
 import search.track_store
+from conftest import ROOT
 from search.track import HTTP_ENV, METRICS_PER_BATCH, PARAM_VALUE_LIMIT, Tracker, TrackingWarning, flatten
 
 
@@ -459,3 +461,38 @@ def test_two_processes_share_one_sqlite_store(tmp_path):
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run_id, "train/loss")) == 300
     assert len({client.get_run(r).info.experiment_id for r, _ in results}) == 1
+
+
+_KILLED_MID_MIGRATION = """
+import os, signal, sys
+import mlflow.store.db.utils as u
+from search.track_store import create_sqlite_store
+real = u._upgrade_db
+def upgrade_then_die(engine):   # the tables made, part of the migrations done: kill -9
+    from alembic import command
+    command.upgrade(u._get_alembic_config(str(engine.url)), "+3")
+    os.kill(os.getpid(), signal.SIGKILL)
+u._upgrade_db = upgrade_then_die
+create_sqlite_store(sys.argv[1])
+"""
+
+
+def test_a_process_killed_while_creating_the_sqlite_store_leaves_none_behind(tmp_path):
+    """MLflow creates and migrates a new SQLite store in place; a search killed inside a migration
+    left a database every later command failed on ("table trace_metrics already exists",
+    tests/test_crash.py). Now it is made in a temporary file: a kill anywhere in the migrations
+    (here after the third) leaves no store, and the next process makes a whole one and removes
+    the leftover."""
+    from search.track_store import create_sqlite_store
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _KILLED_MID_MIGRATION, uri], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [p.name for p in tmp_path.glob(".mlflow.db.*.creating")], "the kill came too late"
+    with tracker(uri, tmp_path) as t:
+        t.log_metrics({"train/loss": 1.0}, step=1)
+    assert not list(tmp_path.glob(".*.creating"))
+    client = MlflowClient(uri)
+    assert client.get_metric_history(t.run_id, "train/loss")[0].value == 1.0
