@@ -17,13 +17,15 @@ from blocks.kinds import hidden, streams
 from blocks.registry import Context
 
 HBM = 3.35e12   # H100 SXM's HBM3 bandwidth, bytes/s
-# The first four were timed in run 10 (docs/benchmarks.md); the last three, untimed yet, have
-# fewer tokens or fewer warps a program (python -m bench.hc_sass: one warp leaves almost no
-# barriers).
+# The first four were timed in run 10 (docs/benchmarks.md); the others, untimed yet, have fewer
+# tokens or fewer warps a program (python -m bench.hc_sass: one warp leaves almost no barriers),
+# or whole rows: a chunk of 1024 covers d = 768, so each pass over d is one load of a token's
+# streams (the second meant to hit L1), as Liger's norm kernels do with one row a program; no spills.
 SETTINGS = [dict(tile=t, chunk=c, warps_fwd=wf, warps_bwd=wb)
             for t, c, wf, wb in [(1024, 128, 4, 4), (1024, 128, 4, 8), (512, 128, 4, 4),
                                  (2048, 256, 8, 8), (512, 128, 1, 1), (1024, 256, 2, 2),
-                                 (2048, 512, 4, 4)]]
+                                 (2048, 512, 4, 4), (4096, 1024, 4, 4), (4096, 1024, 8, 8),
+                                 (8192, 1024, 8, 8)]]
 
 
 def block(kind: str, mode: str, impl: str, n: int, d: int) -> torch.nn.Module:

@@ -264,6 +264,18 @@ def load_trials(tmp: Path, study: str):
     return []
 
 
+def has_completed_trial(tmp: Path, study: str) -> bool:
+    """One look, no waiting (False while the study does not exist yet)."""
+    import optuna
+    if not (tmp / "optuna.db").exists():
+        return False
+    try:
+        trials = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/optuna.db").trials
+    except Exception:  # noqa: BLE001 - not created yet, or locked: no stake known
+        return False
+    return any(t.state.name == "COMPLETE" for t in trials)
+
+
 def check_trial_checkpoints(tmp: Path, study: str, trials) -> int:
     params = {t.number: t.params for t in trials}
     n = 0
@@ -275,11 +287,14 @@ def check_trial_checkpoints(tmp: Path, study: str, trials) -> int:
 def kill_worker_at_random(tmp: Path, proc, rng: random.Random, study: str, seen: set) -> str:
     """Two times in three inside the 1st or 2nd trial of this worker (0-4 s after it shows
     RUNNING: set-up, steps, evaluation, checkpoint, tracking, Optuna's tell), else 0.5-6 s after
-    start (imports, opening the study, the parent run)."""
-    if rng.random() < 1 / 3:
+    start (imports, opening the study, the parent run). While the study has no completed trial,
+    always inside this worker's 2nd trial, after its 1st has completed: otherwise a campaign
+    could end with nothing at stake (two seeds in six did)."""
+    stake = has_completed_trial(tmp, study)
+    if stake and rng.random() < 1 / 3:
         wait_for(lambda: False, proc, timeout=rng.uniform(0.5, 6.0))
         return "start" if kill(proc) else ""
-    mine, target = set(), rng.choice([1, 1, 2])
+    mine, target = set(), rng.choice([1, 1, 2]) if stake else 2
 
     def trials_begun() -> int:
         running = {t.number for t in load_trials(tmp, study) if t.state.name == "RUNNING"} - seen
