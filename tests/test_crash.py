@@ -325,6 +325,7 @@ def search_campaign(tmp: Path, rng: random.Random, fig: dict) -> None:
             fig["search_kills"] += 1
             ts = load_trials(tmp, study)
             killed_trials |= {t.number for t in ts if t.state.name == "RUNNING"}
+            seen |= killed_trials             # not the next worker's trials, though still RUNNING
             for t in ts:
                 if t.state.name == "COMPLETE":
                     assert completed.setdefault(t.number, t.value) == t.value
