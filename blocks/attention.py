@@ -19,7 +19,8 @@ from torch import nn
 from blocks.attention_ops import KERNELS, Scores, alibi_slopes, attend
 from blocks.common import fill_, normal_
 from blocks.kinds import KindError, expect, expect_count, hidden
-from blocks.liger import IMPL_DOC, IMPLS, rms_norm, run
+from blocks.liger import IMPL_DOC, IMPLS, run
+from blocks.twins import rms_norm
 from blocks.registry import Block, param, register
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from blocks.attention import apply_rope, rope_tables
 from blocks.common import fill_, normal_, same_hidden
 from blocks.kinds import KindError, hidden
-from blocks.liger import rms_norm
+from blocks.twins import rms_norm
 from blocks.registry import Block, param, register
 
 

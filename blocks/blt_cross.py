@@ -22,7 +22,7 @@ from torch import nn
 
 from blocks.common import fill_, normal_
 from blocks.kinds import KindError, expect, expect_count, hidden, patch_map
-from blocks.liger import rms_norm
+from blocks.twins import rms_norm
 from blocks.registry import Block, param, register
 
 

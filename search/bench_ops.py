@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from blocks import liger
+from blocks import liger, twins
 
 
 def cases(batch: int, seq: int, d: int, heads: int, d_ff: int, vocab: int, device) -> list:
@@ -44,7 +44,7 @@ def measure(batches, reps: int, device, size: dict) -> list[dict]:
         for op, shape, args in cases(batch, device=device, **size):
             with autocast:
                 row = {"op": op, "shape": shape,
-                       "eager_ms": liger._time(liger.TWINS[op], args, reps) * 1e3,
+                       "eager_ms": liger._time(twins.TWINS[op], args, reps) * 1e3,
                        "compiled_ms": liger._time(liger._compiled_twin(op), args, reps) * 1e3,
                        "liger_ms": None}
                 if liger.can_run(device):

@@ -34,12 +34,12 @@ def test_a_graph_is_timed_against_the_chosen_baseline_without_twins(capsys):
 
 
 def test_op_benchmark_times_every_backend_op_and_writes_its_table(capsys, tmp_path):
-    from blocks import liger
+    from blocks import twins
     from search import bench_ops
     out_file = tmp_path / "b.md"
     assert bench_ops.main(["--reps", "1", "--write", str(out_file)]) == 0
     out = capsys.readouterr().out
-    ops = {op for op in liger.TWINS if not op.startswith("mhc")}
+    ops = {op for op in twins.TWINS if not op.startswith("mhc")}
     for op in ops:   # every op a block can put on Liger, with both twin timings
         row = next(line for line in out.splitlines() if line.startswith(f"| {op} |"))
         eager, compiled = (float(v) for v in row.split("|")[3:5])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import blocks
 import graphs
-from blocks import liger
+from blocks import liger, twins
 from blocks.attention import apply_rope, rope_tables
 from blocks.kinds import hidden, logits, streams, tokens
 from blocks.registry import Context
@@ -73,7 +73,7 @@ def test_auto_falls_back_to_the_twin_without_cuda(name, params, ins):
 def test_rope_twin_equals_apply_rope():
     cos, sin = rope_tables(8, 16, 10000.0)
     q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
-    tq, tk = liger.torch_rope(q, k, cos, sin)
+    tq, tk = twins.torch_rope(q, k, cos, sin)
     torch.testing.assert_close(tq, apply_rope(q, cos, sin), rtol=0, atol=0)
     torch.testing.assert_close(tk, apply_rope(k, cos, sin), rtol=0, atol=0)
 
@@ -94,7 +94,7 @@ def test_chunked_linear_cross_entropy_twin_equals_linear_then_cross_entropy(chun
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (37,), generator=g)
     t[::5] = -1
-    loss = liger.torch_linear_cross_entropy(x, w, t, -1, chunk)
+    loss = twins.torch_linear_cross_entropy(x, w, t, -1, chunk)
     ref = F.cross_entropy(x @ w.T, t, ignore_index=-1)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     gx, gw = torch.autograd.grad(loss, (x, w))
@@ -113,7 +113,7 @@ def test_chunked_linear_cross_entropy_compiles_to_the_same_loss_and_gradients():
     t[::7] = -1
 
     def f(x, w, t):
-        return liger.torch_linear_cross_entropy(x * 2, w, t, -1, 128)
+        return twins.torch_linear_cross_entropy(x * 2, w, t, -1, 128)
     ref = F.cross_entropy((x * 2) @ w.T, t, ignore_index=-1)
     rx, rw = torch.autograd.grad(ref, (x, w))
     torch._dynamo.reset()
@@ -361,7 +361,7 @@ def _ce_peaks(rows: int):
         return F.cross_entropy(F.linear(x, w).float(), t, ignore_index=-1)
 
     def chunked(x, w, t):
-        return liger.torch_linear_cross_entropy(x, w, t, -1, 4096)
+        return twins.torch_linear_cross_entropy(x, w, t, -1, 4096)
     out = {}
     for name, fn in (("plain", plain), ("chunked", chunked)):
         torch._dynamo.reset()
