@@ -148,5 +148,9 @@ def choose(kernel: str, s: Scores, device: torch.device) -> str:
 
 def attend(q, k, v, s: Scores, kernel: str = "auto", slopes=None, dropout: float = 0.0):
     """Causal attention of q [B, H, T, D] over k, v [B, H_kv, T, D] by the chosen kernel."""
+    if s.window is not None and s.window >= q.shape[2]:
+        # the window covers every key: plain causal attention, which SDPA runs without a mask
+        # (flash) where a dense mask would take a slower kernel (global layers of local/global)
+        s = Scores(None, s.softcap, s.alibi, s.scale)
     fn = {"sdpa": sdpa, "flex": flex, "eager": eager}[choose(kernel, s, q.device)]
     return fn(q, k, v, s, slopes, dropout)

@@ -160,6 +160,27 @@ def test_window_at_least_t_equals_causal_and_matches_a_dense_reference():
     assert not torch.allclose(ref, reference(q, k, v))
 
 
+def test_a_window_covering_every_key_takes_sdpas_causal_path_without_a_mask(monkeypatch):
+    """The global layers of a local/global model have window = seq_len: plain causal attention,
+    which SDPA runs as flash; with the dense mask it took a slower kernel. A shorter window still
+    passes its mask."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("is_causal", False), kwargs.get("attn_mask") is not None))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", spy)
+    q, k, v = qkv()
+    wide = ops.attend(q, k, v, ops.Scores(window=T), "sdpa")
+    wider = ops.attend(q, k, v, ops.Scores(window=T + 5), "sdpa")
+    narrow = ops.attend(q, k, v, ops.Scores(window=T - 1), "sdpa")
+    assert calls == [(True, False), (True, False), (False, True)]
+    torch.testing.assert_close(wide, reference(q, k, v))
+    torch.testing.assert_close(wider, wide, rtol=0, atol=0)
+    assert not torch.allclose(narrow, wide)
+
+
 def test_window_as_an_expression_of_the_layer_gives_local_and_global_layers():
     g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny",
                     sets=["nodes.layers.body.attn.window=if(layer % 2 == 0, 8, seq_len)", "vocab_size=512"])
