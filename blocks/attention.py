@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blocks.attention_ops import KERNELS, Scores, alibi_slopes, attend
+from blocks.attention_ops import KERNELS, Scores, alibi_slopes, attend, prepare_flex
 from blocks.common import fill_, normal_
 from blocks.kinds import KindError, expect, expect_count, hidden
 from blocks.liger import IMPL_DOC, IMPLS, run
-from blocks.twins import rms_norm
 from blocks.registry import Block, param, register
+from blocks.twins import rms_norm
 
 
 def rope_tables(max_seq: int, rot_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +177,10 @@ class Attention(Block):
             else:
                 q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def prepare_masks(self, t: int, device: torch.device) -> None:
+        """Called outside compiled regions before a forward over t tokens (graphs.compile)."""
+        prepare_flex(self.scores, self.cfg.kernel, t, device)
 
     def forward(self, x, v=None, v_first=None):
         b, t, _ = x.shape

@@ -2,7 +2,8 @@
 
 - `sdpa`: `scaled_dot_product_attention`, with `is_causal` or a dense mask/bias (window, ALiBi).
 - `flex`: FlexAttention, a `score_mod` (softcap, ALiBi) and a block mask (causal, window) that
-  is built once per (length, window, device) and reused by every layer. Compiled on CUDA; eager
+  is built once per (length, window, device), outside compiled regions, and reused by every
+  layer. Compiled on CUDA; eager
   elsewhere (eager Flex materialises the scores: correct, and fine for tests, but slow).
 - `eager`: the explicit masked twin, the reference every other path is tested against.
 
@@ -101,14 +102,45 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=64)  # one block mask per (length, window, device), shared by layers
-def block_mask(t: int, window: int | None, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+# (length, window, device) -> BlockMask, shared by every layer with that window. A plain dict,
+# not functools.lru_cache: Dynamo traces through an lru_cache (with a warning) and so built the
+# mask inside every compiled region, at every call (arange, vmap, argsort: ~70 graph nodes a
+# layer), whereas an entry it finds in a dict is a constant whose tensors become graph inputs.
+# `prepare_flex` fills it before a compiled call (graphs.compile does, from the model's input).
+_BLOCK_MASKS: dict = {}
+_BLOCK_MASKS_KEPT = 64
 
-    def mask_mod(b, h, qi, kj):
-        keep = qi >= kj
-        return keep & (qi - kj < window) if window is not None else keep
-    return create_block_mask(mask_mod, None, None, t, t, device=device)
+
+def block_mask(t: int, window: int | None, device: str):
+    key = (t, window, device)
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, qi, kj):
+            keep = qi >= kj
+            return keep & (qi - kj < window) if window is not None else keep
+        mask = create_block_mask(mask_mod, None, None, t, t, device=device)
+        if not torch.compiler.is_compiling():   # made inside a trace, it is that graph's own
+            if len(_BLOCK_MASKS) >= _BLOCK_MASKS_KEPT:
+                _BLOCK_MASKS.clear()
+            _BLOCK_MASKS[key] = mask
+    return mask
+
+
+def effective(s: Scores, t: int) -> Scores:
+    """s for a sequence of t: a window that covers every key is no window (plain causal, which
+    SDPA runs without a mask: flash, not the dense-mask kernel; the global layers of
+    local/global models have window = seq_len)."""
+    return Scores(None, s.softcap, s.alibi, s.scale) if s.window is not None and s.window >= t else s
+
+
+def prepare_flex(s: Scores, kernel: str, t: int, device: torch.device) -> None:
+    """Make, outside any compiled region, the block mask that `attend` will look up for a
+    sequence of t on `device` when it takes Flex."""
+    s = effective(s, t)
+    if choose(kernel, s, device) == "flex":
+        block_mask(t, s.window, str(device))
 
 
 def score_mod(s: Scores, slopes):
@@ -131,7 +163,9 @@ def flex(q, k, v, s: Scores, slopes=None, dropout: float = 0.0) -> torch.Tensor:
     if dropout:
         raise ValueError("the flex kernel has no attention dropout; use kernel eager")
     from torch.nn.attention.flex_attention import flex_attention
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    # inside a compiled region Dynamo compiles Flex itself (tracing our torch.compile'd wrapper
+    # is what it warned about); eagerly, the compiled wrapper on CUDA
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     mask = block_mask(q.shape[2], s.window, str(q.device))
     sl = slopes.to(q.device) if s.alibi else None
     gqa = k.shape[1] != q.shape[1]
@@ -148,9 +182,6 @@ def choose(kernel: str, s: Scores, device: torch.device) -> str:
 
 def attend(q, k, v, s: Scores, kernel: str = "auto", slopes=None, dropout: float = 0.0):
     """Causal attention of q [B, H, T, D] over k, v [B, H_kv, T, D] by the chosen kernel."""
-    if s.window is not None and s.window >= q.shape[2]:
-        # the window covers every key: plain causal attention, which SDPA runs without a mask
-        # (flash) where a dense mask would take a slower kernel (global layers of local/global)
-        s = Scores(None, s.softcap, s.alibi, s.scale)
+    s = effective(s, q.shape[2])
     fn = {"sdpa": sdpa, "flex": flex, "eager": eager}[choose(kernel, s, q.device)]
     return fn(q, k, v, s, slopes, dropout)

@@ -68,13 +68,32 @@ def _decide_auto_first(model: GraphModel, compiled: nn.Module) -> nn.Module:
     return compiled
 
 
+def _prepare_masks(model: GraphModel, compiled: nn.Module) -> nn.Module:
+    """Before every call, eagerly: blocks with a `prepare_masks(t, device)` (attention taking
+    Flex) make the block masks for the input's length, which the compiled regions then read
+    as inputs instead of building them inside the graph at each call
+    (blocks.attention_ops.block_mask). A block whose own length differs (BLT's patches) still
+    builds its mask in the graph, as before."""
+    users = [m for m in model.modules() if hasattr(m, "prepare_masks")]
+    if not users:
+        return compiled
+
+    def prepare(_, args, kwargs):
+        idx = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(idx, torch.Tensor) and idx.dim() >= 1:
+            for m in users:
+                m.prepare_masks(idx.shape[-1], idx.device)
+    compiled.register_forward_pre_hook(prepare, with_kwargs=True)
+    return compiled
+
+
 def compile_model(model: GraphModel, mode: str = "auto", **options) -> nn.Module:
     """Compile in place (regional) or wrap (full, nested); returns the module to call."""
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return model
-    return _decide_auto_first(model, _compile(model, mode, options))
+    return _decide_auto_first(model, _prepare_masks(model, _compile(model, mode, options)))
 
 
 def _compile(model: GraphModel, mode: str, options: dict) -> nn.Module:

@@ -369,6 +369,38 @@ def test_mla_absorbed_path_equals_naive_and_caches_latent_plus_rope(q_rank):
     torch.testing.assert_close(m(x), m.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
+@pytest.mark.parametrize("mode", ["regional", "full", "nested"])
+def test_compiled_regions_read_flex_block_masks_made_outside_them(mode):
+    """Flex's block masks were built inside every compiled region at every call (Dynamo traced
+    through their lru_cache: arange, vmap, argsort, ~70 graph nodes a layer). graphs.compile now
+    makes them eagerly from the input's length before each call, and the graphs take them as
+    inputs: no mask-building node is left in any graph, and the model computes what it did
+    eagerly (no gradients: Flex has no backward on the CPU)."""
+    import torch._dynamo
+
+    from graphs.compile import compile_model
+    sets = ["nodes.layers.body.attn.window=if(layer % 2 == 0, 16, seq_len)",
+            "nodes.layers.body.attn.softcap=20.0", "nodes.layers.body.attn.kernel=flex"]
+    g = graphs.load(ROOT / "graphs" / "llama.yaml", size="tiny", sets=sets)
+    model = graphs.build(elaborate(g.resolve()), seed=0).requires_grad_(False)
+    x = torch.randint(0, 50304, (2, 64))
+    eager_logits = model(x)[0]
+    ops._BLOCK_MASKS.clear()
+    torch._dynamo.reset()
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+    logits = compile_model(model, mode, backend=backend)(x)[0]
+    assert traced
+    nodes = [str(n.target) for gm in traced for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("flex_attention" in t for t in nodes)
+    assert not [t for t in nodes if "vmap" in t or "arange" in t or "argsort" in t]
+    assert set(ops._BLOCK_MASKS) == {(64, 16, "cpu"), (64, None, "cpu")}   # local and global layers
+    torch.testing.assert_close(logits, eager_logits, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_compiled_llama_with_window_and_softcap_matches_eager_on_cuda():
     """The flex path (block masks cached across layers) inside a compiled model."""
