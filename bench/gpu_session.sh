@@ -60,6 +60,11 @@ for s in "$@"; do
     min)    # issues 4 and 6 when little device time is left: the graphs against their twins and nGPT
       stage min 250 python3 -m search.bench --together --compile regional --batch 16,32 --no-warm \
         --models gpt2,llama,ngpt --write "$OUT/min.md" ;;
+    window) # attention: a sliding window through SDPA's dense mask (auto) against Flex's block mask, and a softcap (Flex)
+      A=llama+nodes.layers.body.attn
+      stage window 240 python3 -m search.bench --compile regional --batch 16 --no-twins --no-warm \
+        --baseline llama --models "llama,$A.window=256,$A.window=256+$A.kernel=flex,$A.softcap=50.0" \
+        --together --write "$OUT/window.md" ;;
     hc-profile) # issue 10: where DHC's step goes with the torch connections and with our kernels
       stage hc-profile 200 python3 -m bench.profile_step hyper hyper+hc_impl=triton --batch 16 --top 30 ;;
     profile) stage profile 240 python3 -m bench.profile_step gpt2 ngpt hyper --batch 16 --top 30 ;;
