@@ -131,12 +131,14 @@ def test_two_commands_of_two_workers_share_a_postgres_study(tmp_path, postgres_u
     check_one_study(run, record_property)
 
 
-def _open_storage(url: str, barrier) -> None:
+def _open_storage(urls: list, barrier) -> None:
     from search.study_store import storage
     from search.study import StudyConfig
 
-    barrier.wait()  # every process reaches the empty database at the same moment
-    storage(StudyConfig(files=[GPT2], study="race", storage=url))
+    for url in urls:        # one new database a round; the imports are paid once
+        barrier.wait(60)    # every process reaches the empty database at the same moment (a
+        # process that failed a round breaks the barrier: the others stop instead of waiting)
+        storage(StudyConfig(files=[GPT2], study="race", storage=url))
 
 
 def test_commands_started_together_on_a_new_postgres_database_all_create_its_schema(postgres_url):
@@ -148,20 +150,21 @@ def test_commands_started_together_on_a_new_postgres_database_all_create_its_sch
 
     base, _, _ = postgres_url.rpartition("/")
     port = int(base.rsplit(":", 1)[1])
-    for round_ in range(3):
-        name = f"race_{round_}"
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        conn.autocommit = True
+    names = [f"race_{round_}" for round_ in range(3)]
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    for name in names:
         conn.cursor().execute(f"CREATE DATABASE {name}")
-        conn.close()
-        ctx = mp.get_context("spawn")
-        barrier = ctx.Barrier(6)
-        procs = [ctx.Process(target=_open_storage, args=(f"{base}/{name}", barrier)) for _ in range(6)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-        assert [p.exitcode for p in procs] == [0] * 6, f"round {round_}"
+    conn.close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(6)
+    procs = [ctx.Process(target=_open_storage, args=([f"{base}/{n}" for n in names], barrier))
+             for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * 6
 
 
 def _pop_all(url: str, barrier, popped) -> None:
