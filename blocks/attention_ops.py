@@ -132,7 +132,10 @@ def effective(s: Scores, t: int) -> Scores:
     """s for a sequence of t: a window that covers every key is no window (plain causal, which
     SDPA runs without a mask: flash, not the dense-mask kernel; the global layers of
     local/global models have window = seq_len)."""
-    return Scores(None, s.softcap, s.alibi, s.scale) if s.window is not None and s.window >= t else s
+    # only for a length known while tracing: `graphs.export` traces a symbolic one, on which the
+    # comparison would become a guard that its dynamic length cannot satisfy
+    covers = s.window is not None and isinstance(t, int) and s.window >= t
+    return Scores(None, s.softcap, s.alibi, s.scale) if covers else s
 
 
 def prepare_flex(s: Scores, kernel: str, t: int, device: torch.device) -> None:

@@ -158,9 +158,15 @@ def test_inverse_map_is_checked():
         hf.hf_model(model.plan, state)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "ngpt"])
-def test_pt2_reproduces_logits(name, tmp_path):
-    model = ours(name)
+WINDOWS = ["nodes.layers.body.attn.window=if(layer % 2 == 0, 16, seq_len)"]   # local/global
+
+
+@pytest.mark.parametrize("name,sets", [("gpt2", ()), ("llama", ()), ("ngpt", ()),
+                                       ("llama", WINDOWS)], ids=["gpt2", "llama", "ngpt", "llama-window"])
+def test_pt2_reproduces_logits(name, sets, tmp_path):
+    """At every length up to the context, local/global windows included (the export traces a
+    symbolic length: a window compared with it would become a guard it cannot satisfy)."""
+    model = ours(name, sets)
     (path,) = pt2.write(model.plan, model.state_dict(), tmp_path, {})
     loaded = torch.export.load(path).module()
     t = model.plan.seq_len
