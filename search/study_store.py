@@ -16,7 +16,20 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
     retries of stale trials), is one conditional UPDATE. Optuna reads the state, then writes it;
     SQLite takes no lock for the read (no SELECT ... FOR UPDATE), so workers popping together
     both got one trial, both trained it, and the second one's tell crashed its worker ('Cannot
-    tell a COMPLETE trial'). tests/test_concurrency.py pops with 6 processes."""
+    tell a COMPLETE trial'). tests/test_concurrency.py pops with 6 processes.
+
+    A trial that becomes RUNNING (popped, or asked anew) gets its first heartbeat at once, from
+    the database's clock: in the pop's own transaction, right after the creation of a new one.
+    Optuna's first beat came from the heartbeat thread later (seconds later when SQLite's write
+    lock was busy), and a worker killed in between left a RUNNING trial without a heartbeat,
+    which Optuna never counts as stale: it stayed RUNNING for good (tests/test_crash.py, once in
+    five CI runs)."""
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        frozen = super()._create_new_trial(study_id, template_trial)
+        if self.heartbeat_interval and frozen.state == TrialState.RUNNING:
+            self.record_heartbeat(frozen._trial_id)
+        return frozen
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
         if state != TrialState.RUNNING or values is not None:
@@ -32,6 +45,9 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
                 .update({trials.state: TrialState.RUNNING}, synchronize_session=False)
             if n == 1:   # this transaction holds the write lock: the rest is ours alone
                 trials.find_or_raise_by_id(trial_id, session).datetime_start = datetime.now()
+                beat = models.TrialHeartbeatModel
+                if self.heartbeat_interval and beat.where_trial_id(trial_id, session) is None:
+                    session.add(beat(trial_id=trial_id))   # heartbeat: the database's now
             session.commit()
         except BaseException:
             session.rollback()
@@ -60,17 +76,14 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
             session.close()
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials, and the running ones that never beat for longer than the grace
-        period. Optuna skips a trial without a heartbeat for good, but its worker may be killed
-        between the ask that makes the trial RUNNING and the heartbeat thread's first beat (a
-        beat can wait seconds for SQLite's write lock): that trial stayed RUNNING forever
-        (tests/test_crash.py, one CI run in five). Its start is the asking worker's clock."""
-        from datetime import datetime, timedelta
-
+        """Optuna's stale trials, and the running ones without a heartbeat that started longer
+        than the grace period ago: a worker killed between a trial's creation and its first
+        beat (see the class). Optuna skips those for good. Their start is the asking worker's
+        clock, compared here as seconds since the epoch (a naive local time's timestamp: right
+        across daylight saving)."""
         from optuna.storages._rdb import models
         stale = super()._get_stale_trial_ids(study_id)
-        grace = timedelta(seconds=self.grace_period if self.grace_period is not None
-                          else 2 * self.heartbeat_interval)
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
         unbeaten = [t for t, beat in self.heartbeats(study_id).items() if beat is None]
         if not unbeaten:
             return stale
@@ -81,8 +94,9 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
                       .filter(models.TrialModel.trial_id.in_(unbeaten)).all()}
         finally:
             session.close()
-        now = datetime.now()
-        return stale + [t for t, start in starts.items() if start is not None and now - start > grace]
+        now = time.time()
+        return stale + [t for t, start in starts.items()
+                        if start is not None and now - start.timestamp() > grace]
 
 
 def settle_dead_trials(study) -> None:

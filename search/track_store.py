@@ -8,6 +8,7 @@ limits. Nothing here imports `mlflow` at module level.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import os
@@ -307,14 +308,21 @@ def sqlite_path(uri: str) -> Path | None:
 
 def create_sqlite_store(uri: str) -> None:
     """Make a SQLite store that does not exist yet whole or not at all: its tables are created
-    and migrated in a temporary file next to it, which then takes the store's name. MLflow does
-    this in place, in some forty migrations whose DDL SQLite does not roll back: a process killed
-    inside one (tests/test_crash.py kills a search at its start) left tables its version stamp
-    does not know of, and every later command failed ("table trace_metrics already exists").
-    Called under
-    `_store_lock`, so a temporary file left by a killed process is nobody's and is removed."""
+    and migrated in a temporary file next to it, which then takes the store's name (a hard link:
+    a store another program made meanwhile stays). MLflow does this in place, in some forty
+    migrations whose DDL SQLite does not roll back: a process killed inside one
+    (tests/test_crash.py kills a search at its start) left tables its version stamp does not
+    know of, and every later command failed ("table trace_metrics already exists"). Called under
+    `_store_lock`, so what a killed process left (the temporary file, its journal, or its second
+    name after the link) is nobody's and is removed first. On a file system without hard links
+    MLflow creates the store in place, as before."""
     db = sqlite_path(uri)
-    if db is None or db.exists():
+    if db is None:
+        return
+    if db.parent.is_dir():
+        for old in db.parent.glob(f".{glob.escape(db.name)}.*.creating*"):
+            old.unlink(missing_ok=True)
+    if db.exists():
         return
     from sqlalchemy import create_engine
 
@@ -323,8 +331,6 @@ def create_sqlite_store(uri: str) -> None:
     except ImportError:   # moved in another MLflow: it creates the store in place, as before
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    for old in db.parent.glob(f".{db.name}.*.creating"):
-        old.unlink(missing_ok=True)
     tmp = db.parent / f".{db.name}.{os.getpid()}.creating"
     engine = create_engine(f"sqlite:///{tmp}", connect_args={"timeout": SQLITE_TIMEOUT_S})
     try:
@@ -332,12 +338,9 @@ def create_sqlite_store(uri: str) -> None:
     finally:
         engine.dispose()
     try:
-        os.link(tmp, db)   # not os.replace: a store made meanwhile by another program stays
-    except FileExistsError:
+        os.link(tmp, db)
+    except OSError:   # made meanwhile (FileExistsError), or no hard links here
         pass
-    except OSError:        # a file system without hard links
-        if not db.exists():
-            os.replace(tmp, db)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -184,26 +184,43 @@ def test_a_dead_workers_trial_is_failed_when_the_command_ends_and_a_live_ones_is
         t.join()
 
 
-def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
-    """A kill -9 between the ask that makes a trial RUNNING and the heartbeat thread's first beat
+def test_a_running_trial_beats_from_its_creation_and_is_settled_even_without_a_beat(tmp_path):
+    """A kill -9 between the ask that made a trial RUNNING and the heartbeat thread's first beat
     left a trial without a heartbeat, which Optuna never counts as stale: it stayed RUNNING for
-    good (tests/test_crash.py failed so in one CI run). It is failed once its start is older than
-    the grace period, by the ending command and by a worker starting its next trial alike, and
-    retried once; a trial just asked for by a live worker is not."""
+    good (tests/test_crash.py failed so in one CI run). Now a trial beats from the moment it
+    runs, asked anew or popped from the queue (the database's clock), and one that still has no
+    beat is failed once its start is past the grace period, by the ending command and by a
+    worker starting its next trial alike, and retried once; a live worker's trial is not."""
     import time
+
+    from optuna.storages._rdb import models
 
     from search.study_store import settle_dead_trials, storage
     cfg = StudyConfig(files=[], study="s", storage=f"sqlite:///{tmp_path}/o.db", heartbeat_s=1)
     study = optuna.create_study(study_name="s", storage=storage(cfg))
-    dead = study.ask()                               # killed before its heartbeat thread beat
+    backend = study._storage._backend
+    study.enqueue_trial({"x": 1.0})
+    popped, asked = study.ask(), study.ask()
+    beats = backend.heartbeats(study._study_id)
+    assert beats[popped._trial_id] is not None and beats[asked._trial_id] is not None, beats
+
+    session = backend.scoped_session()                 # the kill fell before the first beat
+    session.query(models.TrialHeartbeatModel).delete()
+    session.commit()
+    session.close()
     t0 = time.monotonic()
     settle_dead_trials(study)
     waited = time.monotonic() - t0
     states = {tr.number: tr.state.name for tr in study.get_trials()}
-    assert states[dead.number] == "FAIL", states
-    assert list(states.values()).count("WAITING") == 1, states    # its retry
-    assert 3 < waited < 3 + 2.5 + 1, waited                         # its grace period, no more
-    fresh = study.ask()                              # a live worker's, not beaten yet
+    assert states[popped.number] == states[asked.number] == "FAIL", states
+    assert list(states.values()).count("WAITING") == 2, states     # their retries
+    assert 3 < waited < 3 + 2.5 + 1, waited                         # the grace period, no more
+
+    fresh = study.ask()                              # a live worker's trial, not beaten again yet
+    session = backend.scoped_session()
+    session.query(models.TrialHeartbeatModel).delete()
+    session.commit()
+    session.close()
     optuna.storages.fail_stale_trials(study)         # what a worker does before its next trial
     assert study._storage.get_trial(fresh._trial_id).state.name == "RUNNING"
     time.sleep(3.2)
