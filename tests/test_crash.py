@@ -288,8 +288,9 @@ def kill_worker_at_random(tmp: Path, proc, rng: random.Random, study: str, seen:
     """Two times in three inside the 1st or 2nd trial of this worker (0-4 s after it shows
     RUNNING: set-up, steps, evaluation, checkpoint, tracking, Optuna's tell), else 0.5-6 s after
     start (imports, opening the study, the parent run). While the study has no completed trial,
-    always inside this worker's 2nd trial, after its 1st has completed: otherwise a campaign
-    could end with nothing at stake (two seeds in six did)."""
+    always inside this worker's 2nd trial, when its 1st has ended (completed, as a rule: the
+    campaign still asserts that something was at stake): otherwise a campaign could end with
+    nothing at stake (two seeds in six did)."""
     stake = has_completed_trial(tmp, study)
     if stake and rng.random() < 1 / 3:
         wait_for(lambda: False, proc, timeout=rng.uniform(0.5, 6.0))
