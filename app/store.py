@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from search.track import HTTP_ENV, default_tracking_uri
+from search.track_store import ensure_sqlite_store
 
 MAX_RUNS = 5000          # runs read per query; beyond this the table says it is cut
 MAX_POINTS = 400         # points per curve after downsampling
@@ -81,6 +82,7 @@ def client(uri: str):
 
     check_reachable(uri)
     try:
+        ensure_sqlite_store(uri)   # a missing SQLite store is made whole, as search.run makes it
         return MlflowClient(uri)
     except Exception as e:  # noqa: BLE001 - any failure to open it is shown, not raised
         raise StoreError(f"cannot open the MLflow store at {uri}: {brief(e)}") from None

@@ -345,6 +345,13 @@ def create_sqlite_store(uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def ensure_sqlite_store(uri: str) -> None:
+    """`create_sqlite_store` under the store's lock, for readers that would otherwise let MLflow
+    create a missing store in place (the app)."""
+    with _store_lock(uri):
+        create_sqlite_store(uri)
+
+
 @contextmanager
 def _store_lock(uri: str):
     """Exclusive across processes while one of them sets up a SQLite store (POSIX only). It locks
