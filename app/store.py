@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from search.track import HTTP_ENV, default_tracking_uri
-from search.track_store import ensure_sqlite_store
+from search.sqlite_store import ensure_sqlite_store
 
 MAX_RUNS = 5000          # runs read per query; beyond this the table says it is cut
 MAX_POINTS = 400         # points per curve after downsampling

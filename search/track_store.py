@@ -4,14 +4,13 @@ training thread queued, holding it while the store is down and replaying it when
 It lives apart so that `search.track` reads as what a caller uses (start, log, end) and this file
 as how the store is reached and survived. The limits and timeouts of the store's side live here
 (tests set them on this module); `search.track` re-exports `TrackingWarning` and the batch
-limits. Nothing here imports `mlflow` at module level.
+limits. A SQLite store's creation and its lock are in search.sqlite_store. Nothing here imports
+`mlflow` at module level.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib.util
-import os
 import posixpath
 import random
 import re
@@ -20,10 +19,11 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from itertools import islice
-from pathlib import Path
 from typing import Any, Callable
+
+from search.sqlite_store import SQLITE_TIMEOUT_S, create_sqlite_store, sqlite_path, store_lock
 
 # MLflow's cap of 1000 metrics per batch, and its limit on a tag's value
 METRICS_PER_BATCH = 1000
@@ -35,7 +35,6 @@ RETRY_EVERY_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
 BACKLOG_LIMIT = 100_000  # metric values
 HELD_CALLS_LIMIT = 1_000  # params, tags and artifact calls
-SQLITE_TIMEOUT_S = 30  # sqlite3 busy timeout, also covering MLflow's schema migration
 
 
 class TrackingWarning(UserWarning):
@@ -105,7 +104,7 @@ class StoreLink:
         attempts = 6 if sqlite_path(self.tracking_uri) else 1
         for attempt in range(attempts):
             try:
-                with _store_lock(self.tracking_uri):
+                with store_lock(self.tracking_uri):
                     create_sqlite_store(self.tracking_uri)
                     client = self._mlflow["MlflowClient"](self._store_uri)
                     exp = client.get_experiment_by_name(self.experiment)
@@ -299,79 +298,6 @@ def truncate(value: str, limit: int) -> str:
         return value
     marker = f"...[truncated {len(value)} chars]"
     return value[: limit - len(marker)] + marker
-
-
-def sqlite_path(uri: str) -> Path | None:
-    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
-    return None if path in ("", ":memory:") else Path(path)
-
-
-def create_sqlite_store(uri: str) -> None:
-    """Make a SQLite store that does not exist yet whole or not at all: its tables are created
-    and migrated in a temporary file next to it, which then takes the store's name (a hard link:
-    a store another program made meanwhile stays). MLflow does this in place, in some forty
-    migrations whose DDL SQLite does not roll back: a process killed inside one
-    (tests/test_crash.py kills a search at its start) left tables its version stamp does not
-    know of, and every later command failed ("table trace_metrics already exists"). Called under
-    `_store_lock`, so what a killed process left (the temporary file, its journal, or its second
-    name after the link) is nobody's and is removed first. On a file system without hard links
-    MLflow creates the store in place, as before."""
-    db = sqlite_path(uri)
-    if db is None:
-        return
-    if db.parent.is_dir():
-        for old in db.parent.glob(f".{glob.escape(db.name)}.*.creating*"):
-            old.unlink(missing_ok=True)
-    if db.exists():
-        return
-    from sqlalchemy import create_engine
-
-    try:
-        from mlflow.store.db.utils import _initialize_tables
-    except ImportError:   # moved in another MLflow: it creates the store in place, as before
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db.parent / f".{db.name}.{os.getpid()}.creating"
-    engine = create_engine(f"sqlite:///{tmp}", connect_args={"timeout": SQLITE_TIMEOUT_S})
-    try:
-        _initialize_tables(engine)
-    finally:
-        engine.dispose()
-    try:
-        os.link(tmp, db)
-    except OSError:   # made meanwhile (FileExistsError), or no hard links here
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def ensure_sqlite_store(uri: str) -> None:
-    """`create_sqlite_store` under the store's lock, for readers that would otherwise let MLflow
-    create a missing store in place (the app)."""
-    with _store_lock(uri):
-        create_sqlite_store(uri)
-
-
-@contextmanager
-def _store_lock(uri: str):
-    """Exclusive across processes while one of them sets up a SQLite store (POSIX only). It locks
-    the database's folder: no lock file to leave behind, and never the database file itself,
-    whose closing would drop SQLite's own locks in this process."""
-    db = sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # Windows: retries only
-        fcntl = None
-    if db is None or fcntl is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(db.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def probe(uri: str, timeout: float) -> None:

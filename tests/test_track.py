@@ -466,7 +466,7 @@ def test_two_processes_share_one_sqlite_store(tmp_path):
 _KILLED_MID_MIGRATION = """
 import os, signal, sys
 import mlflow.store.db.utils as u
-from search.track_store import create_sqlite_store
+from search.sqlite_store import create_sqlite_store
 real = u._upgrade_db
 def upgrade_then_die(engine):   # the tables made, part of the migrations done: kill -9
     from alembic import command
@@ -483,7 +483,6 @@ def test_a_process_killed_while_creating_the_sqlite_store_leaves_none_behind(tmp
     tests/test_crash.py). Now it is made in a temporary file: a kill anywhere in the migrations
     (here after the third) leaves no store, and the next process makes a whole one and removes
     the leftover."""
-    from search.track_store import create_sqlite_store
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", _KILLED_MID_MIGRATION, uri], env=env,
