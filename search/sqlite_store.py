@@ -58,7 +58,11 @@ def create_sqlite_store(uri: str) -> None:
 
 def ensure_sqlite_store(uri: str) -> None:
     """`create_sqlite_store` under the store's lock, for readers that would otherwise let MLflow
-    create a missing store in place (the app)."""
+    create a missing store in place (the app, at every query): a store that exists is left as
+    it is, without the lock."""
+    db = sqlite_path(uri)
+    if db is None or db.exists():
+        return
     with store_lock(uri):
         create_sqlite_store(uri)
 

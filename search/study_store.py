@@ -84,14 +84,14 @@ class QueueSafeRDBStorage(optuna.storages.RDBStorage):
         from optuna.storages._rdb import models
         stale = super()._get_stale_trial_ids(study_id)
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        unbeaten = [t for t, beat in self.heartbeats(study_id).items() if beat is None]
-        if not unbeaten:
-            return stale
+        trial, beat = models.TrialModel, models.TrialHeartbeatModel
         session = self.scoped_session()
         try:
             # the models' datetime_start is local time (Optuna 5 stores UTC behind a property)
-            starts = {t.trial_id: t.datetime_start for t in session.query(models.TrialModel)
-                      .filter(models.TrialModel.trial_id.in_(unbeaten)).all()}
+            starts = {t.trial_id: t.datetime_start for t in session.query(trial)
+                      .outerjoin(beat, beat.trial_id == trial.trial_id)
+                      .filter(trial.study_id == study_id, trial.state == TrialState.RUNNING,
+                              beat.trial_id.is_(None)).all()}
         finally:
             session.close()
         now = time.time()

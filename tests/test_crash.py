@@ -254,26 +254,15 @@ def train_campaign(tmp: Path, rng: random.Random, fig: dict) -> None:
 # ---------------------------------------------------------------- the search campaign
 
 
-def load_trials(tmp: Path, study: str):
+def load_trials(tmp: Path, study: str, tries: int = 50):
     import optuna
-    for _ in range(50):           # the worker may hold the SQLite lock for a moment
+    for i in range(tries):        # the worker may hold the SQLite lock for a moment
         try:
             return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/optuna.db").trials
         except Exception:  # noqa: BLE001 - not created yet, or locked
-            time.sleep(0.2)
+            if i < tries - 1:
+                time.sleep(0.2)
     return []
-
-
-def has_completed_trial(tmp: Path, study: str) -> bool:
-    """One look, no waiting (False while the study does not exist yet)."""
-    import optuna
-    if not (tmp / "optuna.db").exists():
-        return False
-    try:
-        trials = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/optuna.db").trials
-    except Exception:  # noqa: BLE001 - not created yet, or locked: no stake known
-        return False
-    return any(t.state.name == "COMPLETE" for t in trials)
 
 
 def check_trial_checkpoints(tmp: Path, study: str, trials) -> int:
@@ -291,7 +280,7 @@ def kill_worker_at_random(tmp: Path, proc, rng: random.Random, study: str, seen:
     always inside this worker's 2nd trial, when its 1st has ended (completed, as a rule: the
     campaign still asserts that something was at stake): otherwise a campaign could end with
     nothing at stake (two seeds in six did)."""
-    stake = has_completed_trial(tmp, study)
+    stake = any(t.state.name == "COMPLETE" for t in load_trials(tmp, study, tries=1))   # one look
     if stake and rng.random() < 1 / 3:
         wait_for(lambda: False, proc, timeout=rng.uniform(0.5, 6.0))
         return "start" if kill(proc) else ""
